@@ -1,0 +1,143 @@
+"""``python -m harness [overrides]``: compose the config, run, store the record, print a table.
+
+User errors (a bad override, an impossible setting, a missing file) end in one line naming the
+key and the fix, exit status 2, no traceback. Programming errors keep their traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SWEEPS_DIR = ROOT / "sweeps"
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the Hydra app and turns user errors into one line and exit status 2."""
+    import hydra
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness.errors import UserError
+    from harness.schema import register_configs
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.startswith(("hydra.searchpath", "+hydra.searchpath")) for a in argv):
+        argv.insert(0, f"hydra.searchpath=[file://{SWEEPS_DIR}]")  # declared studies: study=<name>
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let config errors reach us instead of Hydra's printer
+    register_configs()
+    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        app()
+    except UserError as exc:
+        _die(exc.line())
+    except (hydra.errors.HydraException, OmegaConfBaseException) as exc:
+        _die(describe_config_error(exc))
+
+
+def _die(line: str) -> None:
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def describe_config_error(exc: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key at fault and how to fix it."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    cause = exc
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(exc, MissingConfigException) or "Could not find" in str(exc):
+        return _missing_option(exc)
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None) or "config"
+        msg = str(getattr(cause, "msg", cause)).splitlines()[0]
+        if isinstance(cause, ConfigKeyError) or " not in " in msg:
+            options = _keys_near(cause)
+            hint = f"did you mean {options}? " if options else ""
+            return f"{key}: no such key — {hint}`python -m harness --cfg job` lists the valid keys"
+        if isinstance(cause, ValidationError):
+            return f"{key}: {msg} — give a value of the right type (`python -m harness --cfg job` shows the types)"
+        return f"{key}: {msg}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"overrides: {first} — see `python -m harness --help`"
+
+
+def _keys_near(cause: Any) -> str:
+    parent = getattr(cause, "parent_node", None) or getattr(cause, "object_type", None)
+    key = getattr(cause, "key", None)
+    try:
+        keys = [str(k) for k in parent.keys()] if parent is not None and hasattr(parent, "keys") else []
+    except Exception:  # noqa: BLE001 — best effort for a hint only
+        keys = []
+    if not keys and getattr(cause, "object_type", None) is not None:
+        import dataclasses
+
+        if dataclasses.is_dataclass(cause.object_type):
+            keys = [f.name for f in dataclasses.fields(cause.object_type)]
+    close = difflib.get_close_matches(str(key), keys, n=3, cutoff=0.5)
+    return ", ".join(repr(c) for c in close)
+
+
+def _missing_option(exc: BaseException) -> str:
+    text = str(exc)
+    options = [o for o in (getattr(exc, "options", None) or []) if o != "schema"]
+    group = ""
+    for line in text.splitlines():
+        if "Could not find '" in line:
+            missing = line.split("Could not find '", 1)[1].split("'", 1)[0]
+            group, _, name = missing.rpartition("/")
+            close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.4)
+            hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+            avail = f"available: {', '.join(options)}" if options else "check the name"
+            return f"{group or 'config'}: no config named {name!r} — {hint}{avail}"
+    return f"config: {text.splitlines()[0]}"
+
+
+def _task(cfg: Any) -> float | None:
+    """The Hydra task: one run (or one job of a multirun)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from harness import results
+    from harness.errors import UserError
+    from harness.run import execute, failure_record, validate
+    from harness.schema import unused_fields
+    from harness.tables import run_table
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = hc.runtime.output_dir
+    if multirun and unused_fields(cfg.quantizer):
+        # A sweep crosses every method with every setting; combinations a method cannot use are
+        # skipped by this rule rather than listed by hand.
+        unused = ", ".join(f"{k}={v}" for k, v in unused_fields(cfg.quantizer).items())
+        print(f"[skip] {cfg.quantizer.method} does not use {unused}", file=sys.stderr)
+        return None
+    try:
+        qcfg = validate(cfg)
+        record = execute(cfg, qcfg, run_dir=run_dir, progress=sys.stderr.isatty())
+    except UserError as exc:
+        if not multirun:
+            raise
+        results.append(cfg.results_dir, failure_record(cfg, exc, run_dir))
+        print(f"error: {exc.line()}", file=sys.stderr)
+        return None
+    except Exception as exc:  # recorded, then: a sweep goes on, a single run keeps its traceback
+        results.append(cfg.results_dir, failure_record(cfg, exc, run_dir))
+        if not multirun:
+            raise
+        print(f"[failed] {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    results.write_json_atomic(Path(run_dir) / "record.json", record)
+    results.append(cfg.results_dir, record)
+    if cfg.print_table:
+        print(run_table([record]))
+    ppl = [v for k, v in record["metrics"].items() if k.endswith("/ppl")]
+    return ppl[0] if ppl else None

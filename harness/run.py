@@ -1,0 +1,176 @@
+"""One harness run: validate → load → calibrate → quantize → evaluate → record.
+
+:func:`validate` checks everything that can be checked before a model loads; :func:`execute`
+does the work and returns the record (it writes nothing; the CLI stores and prints)."""
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import quantizers
+from harness import data
+from harness.adapters import adapter_for
+from harness.errors import UserError
+from harness.models import load_model, resolve_dtype
+from harness.perplexity import perplexity
+from harness.pipeline import quantize_model
+from harness.record import config_hash, environment, new_record, peak_memory, protocol_label, relevant_config
+from harness.schema import FP16, method_config, unused_fields
+from quantizers import QuantConfigError
+from quantizers.registry import RegistryError
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UserError("device", f"unknown device {spec!r}", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device", "CUDA was asked for but no GPU is visible", "use device=auto or device=cpu")
+    return dev
+
+
+def resolve_model_dtype(name: str, device: torch.device) -> str:
+    """``auto`` = float16 on a GPU, float32 on the CPU (half-precision CPU matmuls are slow)."""
+    if name == "auto":
+        return "float16" if device.type == "cuda" else "float32"
+    resolve_dtype(name)
+    return name
+
+
+def validate(cfg: DictConfig) -> Any:
+    """Check the config before anything loads; return the quantizer's validated config (or None
+    for fp16). Raises :class:`UserError` naming the key."""
+    q = cfg.quantizer
+    if q.method != FP16:
+        try:
+            quantizers.get(q.method)
+        except RegistryError as exc:
+            raise UserError("quantizer.method", str(exc), "pick one of the quantizer configs (quantizer=...)") from None
+    unused = unused_fields(q)
+    if unused:
+        names = ", ".join(f"{k}={v}" for k, v in unused.items())
+        raise UserError(f"quantizer.{next(iter(unused))}", f"method {q.method!r} does not use {names}",
+                        "remove the override or choose a method that has it")
+    for ds in cfg.eval.datasets:
+        if ds not in data.EVAL_DATASETS:
+            raise UserError("eval.datasets", f"unknown dataset {ds!r}", f"use some of {', '.join(data.EVAL_DATASETS)}")
+    if cfg.calib.dataset not in data.CALIB_DATASETS:
+        raise UserError("calib.dataset", f"unknown dataset {cfg.calib.dataset!r}",
+                        f"use one of {', '.join(data.CALIB_DATASETS)}")
+    for key, value in (("calib.nsamples", cfg.calib.nsamples), ("calib.seqlen", cfg.calib.seqlen),
+                       ("eval.seqlen", cfg.eval.seqlen), ("eval.batch_size", cfg.eval.batch_size)):
+        if value < 1:
+            raise UserError(key, f"{value} is not positive", "use a positive integer")
+    if cfg.eval.max_windows is not None and cfg.eval.max_windows < 1:
+        raise UserError("eval.max_windows", f"{cfg.eval.max_windows} is not positive", "use null (all) or a positive count")
+    if q.method == FP16:
+        return None
+    try:
+        return method_config(q).validate()
+    except QuantConfigError as exc:
+        raise UserError(f"quantizer.{exc.key}", exc.message, exc.fix) from None
+
+
+def apply_runtime(cfg: DictConfig) -> None:
+    """Seeds, TF32 and determinism are config fields applied here, never at import."""
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Do the run described by ``cfg`` and return its record."""
+    started = datetime.now(timezone.utc).isoformat()
+    t_all = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dtype = resolve_model_dtype(cfg.model.dtype, device)
+    apply_runtime(cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    relevant = relevant_config(cfg, dtype)
+    timings: dict[str, float] = {}
+    cache_dir = cfg.cache_dir
+
+    t0 = time.perf_counter()
+    mcfg = OmegaConf.merge(cfg.model, {"dtype": dtype})
+    loaded = load_model(mcfg, cache_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    adapter = adapter_for(model)
+    timings["load_s"] = time.perf_counter() - t0
+
+    provenance: dict[str, Any] = {"eval": {}}
+    modules: list[dict[str, Any]] = []
+    if cfg.quantizer.method != FP16:
+        method = quantizers.get(cfg.quantizer.method)
+        calib = None
+        t0 = time.perf_counter()
+        if method.needs_hessian:
+            c = cfg.calib
+            calib, provenance["calib"] = data.calibration_tokens(tok, c.dataset, c.nsamples, c.seqlen, c.seed,
+                                                                 cache_dir, sampler=c.sampler)
+        timings["calibration_data_s"] = time.perf_counter() - t0
+        out = quantize_model(model, adapter, method, qcfg, calib, device,
+                             true_sequential=cfg.quantizer.true_sequential, progress=progress)
+        modules = out.modules
+        timings.update({"quantize_s": out.timings["total_s"], "forward_hessian_s": out.timings["forward_hessian_s"],
+                        "solver_s": out.timings["solver_s"]})
+
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    model.to(device)
+    for ds in cfg.eval.datasets:
+        tokens, provenance["eval"][ds] = data.eval_tokens(tok, ds, cfg.eval.seqlen, cache_dir)
+        res = perplexity(model, tokens, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.batch_size, device, progress)
+        metrics.update({f"{ds}/ppl": res["ppl"], f"{ds}/nll": res["nll"], f"{ds}/windows": res["windows"],
+                        f"{ds}/tokens": res["tokens"]})
+    timings["evaluate_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+
+    return new_record(
+        run_id=uuid.uuid4().hex,
+        status="ok",
+        study=cfg.study,
+        config_hash=config_hash(relevant),
+        relevant=relevant,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        protocol=protocol_label(cfg),
+        model={"name": cfg.model.name, "type": getattr(model.config, "model_type", None), "dtype": dtype,
+               "n_params": sum(p.numel() for p in model.parameters()),
+               "weights_prequantized": cfg.model.weights_prequantized, **loaded.info},
+        device=str(device),
+        data=provenance,
+        metrics=metrics,
+        timings=timings,
+        memory=peak_memory(device),
+        modules=modules,
+        env=environment(),
+        run_dir=run_dir,
+        started_at=started,
+        finished_at=datetime.now(timezone.utc).isoformat(),
+    )
+
+
+def failure_record(cfg: DictConfig, error: BaseException, run_dir: str | None) -> dict[str, Any]:
+    """The record of a run that failed: enough to see what was tried and why it stopped."""
+    try:
+        dtype = resolve_model_dtype(cfg.model.dtype, resolve_device(cfg.device))
+    except UserError:
+        dtype = cfg.model.dtype
+    relevant = relevant_config(cfg, dtype)
+    return new_record(run_id=uuid.uuid4().hex, status="failed", study=cfg.study, config_hash=config_hash(relevant),
+                      relevant=relevant, config=OmegaConf.to_container(cfg, resolve=True),
+                      protocol=protocol_label(cfg), model={"name": cfg.model.name}, metrics={},
+                      error=f"{type(error).__name__}: {error}", env=environment(), run_dir=run_dir,
+                      finished_at=datetime.now(timezone.utc).isoformat())

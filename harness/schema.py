@@ -1,0 +1,151 @@
+"""Typed schemas of every config group, registered in Hydra's ConfigStore.
+
+A typo (``quantizer.bitz=4``) or a wrong type (``quantizer.bits=four``) fails at composition,
+before any model loads. The ``quantizer`` node is the union of the fields of every registered
+method (``quantizers.QUANTIZERS``) plus the pipeline's own knobs, so that one sweep can cross
+methods and settings; a field that a method does not use must stay at its default (a single
+run says so and stops, a sweep skips that combination: :func:`unused_fields`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+import quantizers
+
+FP16 = "fp16"  # the unquantized baseline: no quantizer runs
+
+
+@dataclass
+class ModelConfig:
+    """Which model. ``path``: a hub id, a local directory, a ``.gguf`` file, ``pkg://<package>/<file>``
+    (a file shipped inside an installed package), or ``tiny`` with ``arch`` (a random model)."""
+
+    name: str = MISSING
+    path: str = MISSING
+    dtype: str = "auto"  # auto (float16 on a GPU, float32 on the CPU) | float16 | bfloat16 | float32
+    revision: Optional[str] = None
+    tokenizer: Optional[str] = None  # default: the model's own; ``data:<dir>`` = $HARNESS_DATA/<dir>
+    trust_remote_code: bool = False
+    weights_prequantized: Optional[str] = None  # e.g. q4_1 when the checkpoint was already quantized
+    arch: dict[str, Any] = field(default_factory=dict)  # for path=tiny: transformers config fields
+    seed: int = 0  # for path=tiny: weight initialisation
+
+
+@dataclass
+class CalibConfig:
+    dataset: str = "c4"  # c4 | wikitext2 | random
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    sampler: str = "auto"  # auto | document (paper code) | concat
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    max_windows: Optional[int] = None  # null = every window (the paper protocol)
+    batch_size: int = 8
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+
+
+@dataclass
+class PipelineFields:
+    """Knobs of the layer-by-layer pipeline that live under ``quantizer`` by community habit."""
+
+    true_sequential: bool = True
+
+
+def quantizer_node() -> type:
+    """Build the ``quantizer`` schema: ``method`` + the union of all methods' config fields."""
+    quantizers.get("rtn")  # loads the built-in methods
+    seen: dict[str, dataclasses.Field] = {}
+    for name in quantizers.QUANTIZERS.names():
+        for f in dataclasses.fields(quantizers.QUANTIZERS.get(name).config_cls):
+            prev = seen.get(f.name)
+            if prev is not None and (prev.type != f.type or prev.default != f.default):
+                raise TypeError(f"quantizer field {f.name!r} differs between methods ({prev.default!r} vs {f.default!r})")
+            seen[f.name] = f
+    for f in dataclasses.fields(PipelineFields):
+        seen[f.name] = f
+    spec = [("method", str, field(default=FP16))]
+    spec += [(f.name, _hydra_type(f.type), field(default=f.default)) for f in seen.values()]
+    return dataclasses.make_dataclass("QuantizerConfig", spec)
+
+
+def _hydra_type(t: Any) -> Any:
+    # dataclass fields carry string annotations under `from __future__ import annotations`
+    table = {"int": int, "float": float, "bool": bool, "str": str, "int | None": Optional[int],
+             "float | None": Optional[float], "str | None": Optional[str]}
+    return table.get(t, t) if isinstance(t, str) else t
+
+
+def method_fields(method: str) -> set[str]:
+    """The quantizer fields that ``method`` reads (``fp16`` reads none)."""
+    if method == FP16:
+        return set()
+    m = quantizers.get(method)
+    names = {f.name for f in dataclasses.fields(m.config_cls)}
+    if m.needs_hessian:
+        names |= {f.name for f in dataclasses.fields(PipelineFields)}
+    return names
+
+
+def unused_fields(qcfg: Any) -> dict[str, Any]:
+    """Fields set away from their default that ``qcfg.method`` does not use (``-1`` counts as null)."""
+    node = quantizer_node()
+    used = method_fields(qcfg.method)
+    out = {}
+    for f in dataclasses.fields(node):
+        if f.name == "method" or f.name in used:
+            continue
+        value = qcfg[f.name]
+        if f.name == "group_size" and value == -1:
+            value = None
+        if value != f.default:
+            out[f.name] = value
+    return out
+
+
+def method_config(qcfg: Any) -> Any:
+    """The algorithm's own config dataclass filled from the ``quantizer`` node (not validated yet)."""
+    cls = quantizers.get(qcfg.method).config_cls
+    return cls(**{f.name: qcfg[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    calib: CalibConfig = MISSING
+    quantizer: Any = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    results_dir: str = "results"
+    cache_dir: str = "${oc.env:HARNESS_CACHE,.cache}"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    study: Optional[str] = None  # group name shared by the runs of one study
+    tf32: bool = False
+    deterministic: bool = False
+    print_table: bool = True
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore (called by the CLI, never at import)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="calib", name="schema", node=CalibConfig)
+    cs.store(group="quantizer", name="schema", node=quantizer_node())
+    cs.store(group="eval", name="schema", node=EvalConfig)
+    cs.store(group="logger", name="schema", node=LoggerConfig)
