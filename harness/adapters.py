@@ -42,7 +42,8 @@ ADAPTERS: dict[str, Adapter] = {
             "model.decoder.layers",
             (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
         ),
-        Adapter("gpt2", "transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)), transposed=True),
+        Adapter("gpt2", "transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+                transposed=True),
         Adapter(
             "gpt_neox",
             "gpt_neox.layers",

@@ -57,7 +57,7 @@ def move_outside_layers(model: nn.Module, layers_path: str, device: torch.device
     for name, mod in model.named_modules():
         if name == layers_path or name.startswith(prefix):
             continue
-        for pname, p in mod.named_parameters(recurse=False):
+        for p in mod.parameters(recurse=False):
             p.data = p.data.to(device)
         for bname, b in list(mod.named_buffers(recurse=False)):
             mod._buffers[bname] = b.to(device)

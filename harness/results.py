@@ -10,8 +10,9 @@ import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 STORE = "runs.jsonl"
 SCHEMA_VERSION = 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -71,7 +71,8 @@ def validate(cfg: DictConfig) -> Any:
         if value < 1:
             raise UserError(key, f"{value} is not positive", "use a positive integer")
     if cfg.eval.max_windows is not None and cfg.eval.max_windows < 1:
-        raise UserError("eval.max_windows", f"{cfg.eval.max_windows} is not positive", "use null (all) or a positive count")
+        raise UserError("eval.max_windows", f"{cfg.eval.max_windows} is not positive",
+                        "use null (all) or a positive count")
     if q.method == FP16:
         return None
     try:
@@ -92,7 +93,7 @@ def apply_runtime(cfg: DictConfig) -> None:
 
 def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Do the run described by ``cfg`` and return its record."""
-    started = datetime.now(timezone.utc).isoformat()
+    started = datetime.now(UTC).isoformat()
     t_all = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = resolve_model_dtype(cfg.model.dtype, device)
@@ -158,7 +159,7 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
         env=environment(),
         run_dir=run_dir,
         started_at=started,
-        finished_at=datetime.now(timezone.utc).isoformat(),
+        finished_at=datetime.now(UTC).isoformat(),
     )
 
 
@@ -173,4 +174,4 @@ def failure_record(cfg: DictConfig, error: BaseException, run_dir: str | None) -
                       relevant=relevant, config=OmegaConf.to_container(cfg, resolve=True),
                       protocol=protocol_label(cfg), model={"name": cfg.model.name}, metrics={},
                       error=f"{type(error).__name__}: {error}", env=environment(), run_dir=run_dir,
-                      finished_at=datetime.now(timezone.utc).isoformat())
+                      finished_at=datetime.now(UTC).isoformat())

@@ -27,10 +27,10 @@ class ModelConfig:
     name: str = MISSING
     path: str = MISSING
     dtype: str = "auto"  # auto (float16 on a GPU, float32 on the CPU) | float16 | bfloat16 | float32
-    revision: Optional[str] = None
-    tokenizer: Optional[str] = None  # default: the model's own; ``data:<dir>`` = $HARNESS_DATA/<dir>
+    revision: str | None = None
+    tokenizer: str | None = None  # default: the model's own; ``data:<dir>`` = $HARNESS_DATA/<dir>
     trust_remote_code: bool = False
-    weights_prequantized: Optional[str] = None  # e.g. q4_1 when the checkpoint was already quantized
+    weights_prequantized: str | None = None  # e.g. q4_1 when the checkpoint was already quantized
     arch: dict[str, Any] = field(default_factory=dict)  # for path=tiny: transformers config fields
     seed: int = 0  # for path=tiny: weight initialisation
 
@@ -48,7 +48,7 @@ class CalibConfig:
 class EvalConfig:
     datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
     seqlen: int = 2048
-    max_windows: Optional[int] = None  # null = every window (the paper protocol)
+    max_windows: int | None = None  # null = every window (the paper protocol)
     batch_size: int = 8
 
 
@@ -72,7 +72,8 @@ def quantizer_node() -> type:
         for f in dataclasses.fields(quantizers.QUANTIZERS.get(name).config_cls):
             prev = seen.get(f.name)
             if prev is not None and (prev.type != f.type or prev.default != f.default):
-                raise TypeError(f"quantizer field {f.name!r} differs between methods ({prev.default!r} vs {f.default!r})")
+                raise TypeError(f"quantizer field {f.name!r} differs between methods "
+                                f"({prev.default!r} vs {f.default!r})")
             seen[f.name] = f
     for f in dataclasses.fields(PipelineFields):
         seen[f.name] = f
@@ -132,7 +133,7 @@ class RunConfig:
     cache_dir: str = "${oc.env:HARNESS_CACHE,.cache}"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
-    study: Optional[str] = None  # group name shared by the runs of one study
+    study: str | None = None  # group name shared by the runs of one study
     tf32: bool = False
     deterministic: bool = False
     print_table: bool = True

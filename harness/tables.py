@@ -1,7 +1,8 @@
 """Short run tables for the terminal (the report module builds the paper-style ones)."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from tabulate import tabulate
 
@@ -41,7 +42,7 @@ def run_table(records: Iterable[dict[str, Any]], fmt: str = "github") -> str:
         row["total s"] = f"{t['total_s']:.1f}" if "total_s" in t else "–"
         row["status"] = r.get("status", "?")
         rows.append(row)
-    table = tabulate(rows, headers="keys", tablefmt=fmt, disablenumparse=True)
+    table = tabulate(rows, headers="keys", tablefmt=fmt, disable_numparse=True)
     notes = _notes(records)
     return table + ("\n" + "\n".join(notes) if notes else "")
 
@@ -52,7 +53,8 @@ def _notes(records: list[dict[str, Any]]) -> list[str]:
     for r in records:
         p = r.get("protocol") or {}
         if p.get("label") == "reduced":
-            notes.append(f"reduced protocol (not the paper's): calibration {p.get('calib')}, evaluation {p.get('eval')}")
+            notes.append(f"reduced protocol (not the paper's): calibration {p.get('calib')}, "
+                         f"evaluation {p.get('eval')}")
             break
     if protocols == {"paper"}:
         notes.append("paper protocol: 128×2048 calibration tokens, every evaluation window of 2048")

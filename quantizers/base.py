@@ -35,13 +35,14 @@ class GridConfig:
     mse_maxshrink: float = 0.8
     mse_norm: float = 2.4
 
-    def validate(self) -> "GridConfig":
+    def validate(self) -> GridConfig:
         """Check the settings and normalise aliases in place; raise :class:`QuantConfigError`."""
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not (
             MIN_BITS <= self.bits <= MAX_BITS
         ):
             raise QuantConfigError(
-                "bits", f"{self.bits!r} is outside {MIN_BITS}–{MAX_BITS}", f"use an integer {MIN_BITS}..{MAX_BITS}"
+                "bits", f"{self.bits!r} is outside {MIN_BITS}–{MAX_BITS}",
+                f"use an integer {MIN_BITS}..{MAX_BITS}"
             )
         if self.group_size == -1:
             self.group_size = None
@@ -51,7 +52,8 @@ class GridConfig:
                 "use a positive integer, or null / -1 for per-channel",
             )
         if self.mse_grid <= 0 or not (0.0 <= self.mse_maxshrink < 1.0) or self.mse_norm <= 0:
-            raise QuantConfigError("mse_grid", "the clipping search needs mse_grid > 0, 0 <= mse_maxshrink < 1, mse_norm > 0")
+            raise QuantConfigError("mse_grid", "the clipping search needs mse_grid > 0, 0 <= mse_maxshrink < 1, "
+                                   "mse_norm > 0")
         return self
 
     @property

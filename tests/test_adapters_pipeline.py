@@ -1,0 +1,143 @@
+"""Adapters on every tiny random model, and the layer-by-layer pipeline against direct computations."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from harness.adapters import ADAPTERS, adapter_for, decoder_layers, linear_groups, weight_matrix
+from harness.pipeline import HessianAccumulator, capture_layer_inputs, quantize_model
+from quantizers.registry import Method
+from quantizers.rtn import RTNConfig
+from quantizers.rtn import quantize as rtn_quantize
+from tests.conftest import requires_data, tiny_model
+
+TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-opt", "tiny-gpt2", "tiny-gpt-neox"]
+pytestmark = requires_data
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_adapter_covers_every_linear(name):
+    loaded = tiny_model(name)
+    model = loaded.model
+    adapter = adapter_for(model)
+    assert adapter.model_type in ADAPTERS  # the tiny models all have a dedicated adapter
+    layers = decoder_layers(model, adapter)
+    assert len(layers) == model.config.num_hidden_layers
+    groups = linear_groups(layers[0], adapter, true_sequential=True)
+    assert len(groups) == 4  # attention in, attention out, mlp in, mlp out
+    names = [n for g in groups for n in g]
+    from harness.adapters import is_quantizable
+
+    assert sorted(names) == sorted(n for n, m in layers[0].named_modules() if is_quantizable(m))
+    for n in names:  # (out, in): the input dimension of the first group is the hidden size
+        W = weight_matrix(layers[0].get_submodule(n), adapter)
+        if n in groups[0]:
+            assert W.shape[1] == model.config.hidden_size
+    assert linear_groups(layers[0], adapter, true_sequential=False) == [names]
+
+
+def test_generic_fallback_finds_layers():
+    loaded = tiny_model("tiny-llama")
+    model = loaded.model
+    model.config.model_type = "somethingnew"
+    adapter = adapter_for(model)
+    assert adapter.layers == "model.layers" and adapter.sequential is None
+    assert len(linear_groups(decoder_layers(model, adapter)[0], adapter, True)) == 1
+
+
+def _calib(model, n=3, seqlen=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (n, seqlen), generator=g)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-gpt2"])
+def test_captured_inputs_are_the_embeddings_output(name):
+    model = tiny_model(name).model
+    calib = _calib(model)
+    inps, _ = capture_layer_inputs(model, adapter_for(model), calib, torch.device("cpu"))
+    ref = torch.stack([model(calib[j : j + 1], output_hidden_states=True).hidden_states[0][0] for j in range(3)])
+    torch.testing.assert_close(inps, ref)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_rtn_through_the_pipeline_equals_rtn_per_weight(name):
+    model = tiny_model(name).model
+    adapter = adapter_for(model)
+    before = {n: weight_matrix(m, adapter).clone() for n, m in model.named_modules()
+              if n.startswith(adapter.layers + ".") and hasattr(m, "weight") and m.weight.dim() == 2}
+    cfg = RTNConfig(bits=3, group_size=16)
+    from quantizers import get
+
+    out = quantize_model(model, adapter, get("rtn"), cfg, None, torch.device("cpu"), progress=False)
+    assert len(out.modules) == sum(len(g) for g in linear_groups(decoder_layers(model, adapter)[0], adapter, True)) * 2
+    for rep in out.modules:
+        mod = model.get_submodule(rep["module"])
+        expected = rtn_quantize(before[rep["module"]], None, cfg).dequantize()
+        torch.testing.assert_close(weight_matrix(mod, adapter), expected)
+
+
+def _recording_method(store):
+    """A real method (RTN) that also keeps the Hessian the pipeline handed it, per call."""
+
+    def quantize(W, H, cfg):
+        store.append(H.clone())
+        return rtn_quantize(W, H, cfg)
+
+    return Method("rtn_recording", RTNConfig, quantize, needs_hessian=True)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_hessians_come_from_the_already_quantized_model(name):
+    """With true_sequential, every module's H is 2/n·XᵀX of its inputs in the *final* quantized
+    model: layers before it and groups before it in its own layer were already quantized."""
+    model = tiny_model(name).model
+    adapter = adapter_for(model)
+    calib = _calib(model, n=4, seqlen=16, seed=3)
+    seen: list[torch.Tensor] = []
+    out = quantize_model(model, adapter, _recording_method(seen), RTNConfig(bits=2), calib, torch.device("cpu"),
+                         true_sequential=True, progress=False)
+    accs = {}
+    handles = []
+    for rep in out.modules:
+        mod = model.get_submodule(rep["module"])
+        acc = accs[rep["module"]] = HessianAccumulator(weight_matrix(mod, adapter).shape[1], torch.device("cpu"))
+        handles.append(mod.register_forward_hook(lambda _m, inp, _o, a=acc: a.add(inp[0])))
+    with torch.no_grad():
+        for j in range(calib.shape[0]):
+            model(calib[j : j + 1])
+    for h in handles:
+        h.remove()
+    for rep, H in zip(out.modules, seen, strict=True):
+        torch.testing.assert_close(H, accs[rep["module"]].hessian(), rtol=1e-4, atol=1e-5)
+        assert rep["tokens"] == calib.numel()
+        assert 0 <= rep["output_rel_err"] < 1
+
+
+def test_hessian_accumulator_is_two_over_n_xtx():
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(2, 5, 7, generator=g) for _ in range(3)]
+    acc = HessianAccumulator(7, torch.device("cpu"))
+    for x in xs:
+        acc.add(x)
+    X = torch.cat([x.reshape(-1, 7) for x in xs]).double()
+    torch.testing.assert_close(acc.hessian().double(), 2 / X.shape[0] * X.T @ X, rtol=1e-5, atol=1e-6)
+
+
+def test_output_rel_err_equals_direct_reconstruction_error():
+    from harness.pipeline import _diagnostics
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(50, 12, generator=g)
+    W = torch.randn(6, 12, generator=g)
+    Q = rtn_quantize(W, None, RTNConfig(bits=3)).dequantize()
+    H = 2 / 50 * X.T @ X
+    d = _diagnostics(W, Q, H)
+    direct = ((X @ (W - Q).T).square().sum() / (X @ W.T).square().sum()).item()
+    assert d["output_rel_err"] == pytest.approx(direct, rel=1e-4)
+
+
+def test_method_config_fields_have_community_names():
+    names = {f.name for f in dataclasses.fields(RTNConfig)}
+    assert {"bits", "group_size", "sym", "mse"} <= names
