@@ -67,7 +67,8 @@ def validate(cfg: DictConfig) -> Any:
         raise UserError("calib.dataset", f"unknown dataset {cfg.calib.dataset!r}",
                         f"use one of {', '.join(data.CALIB_DATASETS)}")
     for key, value in (("calib.nsamples", cfg.calib.nsamples), ("calib.seqlen", cfg.calib.seqlen),
-                       ("eval.seqlen", cfg.eval.seqlen), ("eval.batch_size", cfg.eval.batch_size)):
+                       ("eval.seqlen", cfg.eval.seqlen), ("eval.batch_size", cfg.eval.batch_size),
+                       ("calib.batch_size", cfg.calib.batch_size)):
         if value < 1:
             raise UserError(key, f"{value} is not positive", "use a positive integer")
     if cfg.eval.max_windows is not None and cfg.eval.max_windows < 1:
@@ -123,7 +124,8 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
                                                                  cache_dir, sampler=c.sampler)
         timings["calibration_data_s"] = time.perf_counter() - t0
         out = quantize_model(model, adapter, method, qcfg, calib, device,
-                             true_sequential=cfg.quantizer.true_sequential, progress=progress)
+                             true_sequential=cfg.quantizer.true_sequential, progress=progress,
+                             batch=cfg.calib.batch_size)
         modules = out.modules
         timings.update({"quantize_s": out.timings["total_s"], "forward_hessian_s": out.timings["forward_hessian_s"],
                         "solver_s": out.timings["solver_s"]})

@@ -42,6 +42,7 @@ class CalibConfig:
     seqlen: int = 2048
     seed: int = 0
     sampler: str = "auto"  # auto | document (paper code) | concat
+    batch_size: int = 8  # rows per layer forward in the pipeline; speed only
 
 
 @dataclass

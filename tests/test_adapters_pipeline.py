@@ -141,3 +141,17 @@ def test_output_rel_err_equals_direct_reconstruction_error():
 def test_method_config_fields_have_community_names():
     names = {f.name for f in dataclasses.fields(RTNConfig)}
     assert {"bits", "group_size", "sym", "mse"} <= names
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_batched_layer_forward_matches_one_row_at_a_time(name):
+    """The layer kwargs are captured for one row; chunks of rows must give the same Hessians."""
+    hs = {}
+    for batch in (1, 3):
+        model = tiny_model(name).model
+        seen: list[torch.Tensor] = []
+        quantize_model(model, adapter_for(model), _recording_method(seen), RTNConfig(bits=4),
+                       _calib(model, n=5, seqlen=16, seed=4), torch.device("cpu"), progress=False, batch=batch)
+        hs[batch] = seen
+    for a, b in zip(hs[1], hs[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
