@@ -10,14 +10,17 @@ Rules taken from ``TrueOBS.quantize`` in IST-DASLab/OBC (``trueobs.py``):
 
 * outliers first: ``outlier = .25 * scale**2``; if any pending weight's error ``(w − q)²`` exceeds
   it (half a grid step) and the greedy pick is not an exact zero (``sel &= w[rangecount, j] != 0``),
-  the pending weight with the largest *error* (not score) is taken instead;
+  the pending weight with the largest *error* (not score) is taken instead. With groups the
+  thresholds differ per weight, so the largest error is taken among the outliers only (per-channel
+  this is exactly OBC's ``argmax(err)``);
 * exact zeros in ``W`` are pruned weights: ``prepare_sparse`` takes them out of ``H⁻¹`` before the
   greedy loop and they stay 0. Here they are simply picked first (their score is 0, and the same
   downdate removes them), which gives the same result without a Cholesky per row;
 * ``H⁻¹`` is downdated in OBC's symmetric form ``u = H⁻¹[j, :] / √d; H⁻¹ −= u uᵀ``.
 
 Differences from OBC, on purpose: dead inputs and damping follow the GPTQ protocol (dead first, then
-``damp_percent · mean(diag H)``, raised step by step if Cholesky fails; OBC defaults to no damping);
+``damp_percent · mean(diag H)``, raised step by step if Cholesky fails; OBC defaults to no damping
+and adds ``I`` on failure); ``H⁻¹`` is computed in float64 from the symmetric part of ``H``;
 with ``group_size`` the group grids are fixed up front from the original weights (OBC has no
 groups). Quantized slots are periodically compacted out of the batch (all rows of a batch have the
 same number left), which leaves the arithmetic on the remaining slots unchanged and saves ~60 %.
@@ -37,9 +40,11 @@ from quantizers.registry import QUANTIZERS, Method
 CPU_BUDGET_BYTES = 64 * 2**20  # per batch on CPU: small batches stay in cache and are fastest there
 CUDA_FREE_FRACTION = 0.5  # share of free device memory one batch may take
 MAX_DAMP_PERCENT = 10.0
-# Rough effective FLOP/s of the batched rank-1 downdate (memory-bound: 2 FLOP per 8 bytes moved in
-# fp32). Order-of-magnitude figures for a refusal guard, not benchmarks; see estimate_cost.
-NOMINAL_FLOPS = {"cuda": 25e12, "cpu": 5e10}
+# Rough effective FLOP/s (as counted by estimate_cost) of this implementation in fp32, for a refusal
+# guard, not a benchmark. The rank-1 downdate is memory-bound (2 FLOP per 8 bytes moved) and small
+# layers are bound by per-step kernel launches, so peak-FLOP figures (e.g. 25e12) are ~60× too high.
+# Measured: H200 0.12 (192×576) – 0.55 (3072×768) TFLOP/s; 2-core CPU ~1e10 (64×576, 64×1536).
+NOMINAL_FLOPS = {"cuda": 4e11, "cpu": 1e10}
 
 
 @dataclass
@@ -56,7 +61,7 @@ class OBQConfig(GridConfig):
     batch_rows: int | None = None
     float64: bool = False
 
-    def validate(self) -> "OBQConfig":
+    def validate(self) -> OBQConfig:
         super().validate()
         p = self.damp_percent
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p <= MAX_DAMP_PERCENT):
@@ -69,17 +74,22 @@ class OBQConfig(GridConfig):
                 raise QuantConfigError(key, f"{getattr(self, key)!r} is not a boolean", "use true or false")
         b = self.batch_rows
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b <= 0):
-            raise QuantConfigError("batch_rows", f"{b!r} is not a positive row count", "use a positive integer or null (auto)")
+            raise QuantConfigError(
+                "batch_rows", f"{b!r} is not a positive row count", "use a positive integer, or null (auto)"
+            )
         return self
 
 
 def inverse_hessian(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Damped inverse of ``H`` (in, in) → ``Hinv`` (in, in) float64, ``dead`` (in,) bool, damping used.
 
-    Dead inputs (``H_ii = 0``) get ``H_ii = 1``; then ``damp · mean(diag H)`` is added. If Cholesky
-    fails the damping is raised (``max(2p, p + 0.01)``) until it succeeds; the final value is returned.
+    Only the symmetric part ``(H + Hᵀ)/2`` is used (a float32 ``XᵀX`` is not exactly symmetric, and
+    Cholesky would read one triangle only). Dead inputs (``H_ii = 0``) get ``H_ii = 1``; then
+    ``damp · mean(diag H)`` is added. If Cholesky fails the damping is raised (``max(2p, p + 0.01)``)
+    until it succeeds; the final value is returned.
     """
-    H = H.detach().to(torch.float64).clone()
+    H = H.detach().to(torch.float64)
+    H = (H + H.T) / 2
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     mean_diag = torch.diagonal(H).mean()
@@ -131,8 +141,8 @@ def _obq_batch(
         scores = (err / diag).masked_fill_(~pending, math.inf)
         j = scores.masked_fill(pruned & pending, -1.0).argmin(1)  # (b,)
         if outlier_first:
-            err.masked_fill_(~pending, 0)
-            sel = (err > thr).any(1) & (w[ar, j] != 0)
+            err.masked_fill_(~pending | (err <= thr), 0)  # errors of pending outliers only
+            sel = (err > 0).any(1) & (w[ar, j] != 0)
             j = torch.where(sel, err.argmax(1), j)
         orig = cols[ar, j]
         order[:, t] = orig
@@ -148,9 +158,11 @@ def _obq_batch(
         Hb.addcmul_(row.unsqueeze(2), row.unsqueeze(1), value=-1)  # H⁻¹ −= u uᵀ, in place
         remaining = n - t - 1
         if compact and _should_compact(m, remaining):
+            del diag  # a view: it would keep the old H⁻¹ alive through the gathers
             # every row has `remaining` pending slots; a stable sort keeps them in column order
             keep = torch.sort((~pending).to(torch.uint8), dim=1, stable=True).indices[:, :remaining]
-            Hb = Hb[ar[:, None, None], keep[:, :, None], keep[:, None, :]]
+            Hb = Hb.gather(2, keep.unsqueeze(1).expand(b, m, remaining))  # columns, then rows:
+            Hb = Hb.gather(1, keep.unsqueeze(2).expand(b, remaining, remaining))  # peak (m + r)·m
             w, s, z, thr, cols, pruned, pending = (
                 x.gather(1, keep) for x in (w, s, z, thr, cols, pruned, pending)
             )
@@ -175,13 +187,14 @@ def quantize_rows(
                    outlier_first, compact)
         for r in range(0, W.shape[0], batch_rows)
     ]
-    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
 def _auto_batch_rows(rows: int, cols: int, dtype_bytes: int, device: torch.device) -> int:
     """Rows per batch that fit the memory budget (see ``estimate_cost``'s per-row peak)."""
-    if device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] * CUDA_FREE_FRACTION
+    if device.type == "cuda":  # free on the device plus what torch's allocator caches but does not use
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = (torch.cuda.mem_get_info(device)[0] + cached) * CUDA_FREE_FRACTION
     else:
         budget = CPU_BUDGET_BYTES
     return max(1, min(rows, int(budget // _peak_bytes_per_row(cols, dtype_bytes))))
@@ -241,18 +254,19 @@ def _downdate_elements(cols: int) -> int:
 
 
 def _peak_bytes_per_row(cols: int, dtype_bytes: int) -> int:
-    """H⁻¹ copy plus the first compaction's smaller copy, (1 + (7/8)²)·cols² elements."""
+    """H⁻¹ copy plus the first compaction's half-gathered copy: cols·(cols + first) ≈ 1.9·cols² elements."""
     first = cols - max(cols // 8, 16)
-    return (cols * cols + max(first, 0) ** 2) * dtype_bytes
+    return cols * (cols + max(first, 0)) * dtype_bytes
 
 
 def estimate_cost(shapes: list[tuple[int, int]], device_kind: str, dtype_bytes: int = 4) -> dict:
     """Predicted cost of OBQ on weights of the given (rows, cols) shapes; pure arithmetic.
 
-    FLOPs = Σ rows · (2 · Σ_steps width² + ~20 · cols²): the rank-1 downdate is one multiply-add per
-    remaining H⁻¹ entry per step (≈ 0.38·cols³ entries per row with compaction, ≈ cols³ without),
-    plus ~20 elementwise ops per remaining weight per step. ``seconds`` divides by a nominal
-    effective throughput (:data:`NOMINAL_FLOPS`) — a rough guide; ``device_kind`` is "cuda" or "cpu".
+    FLOPs = Σ rows · (2 · Σ_steps width² + 20 · cols²): the rank-1 downdate is one multiply-add per
+    remaining H⁻¹ entry per step (Σ width² ≈ 0.38·cols³ per row with compaction, ≈ cols³ without),
+    plus ~40 elementwise ops per remaining weight per step (Σ width ≈ cols²/2). ``peak_bytes_per_row``
+    is the largest per-row working set (multiply by the batch size). ``seconds`` divides by a nominal
+    effective throughput (:data:`NOMINAL_FLOPS`), a rough guide; ``device_kind`` is "cuda" or "cpu".
     """
     if device_kind not in NOMINAL_FLOPS:
         raise ValueError(f"device_kind {device_kind!r} is not one of {sorted(NOMINAL_FLOPS)}")
@@ -267,4 +281,4 @@ def estimate_cost(shapes: list[tuple[int, int]], device_kind: str, dtype_bytes: 
     }
 
 
-QUANTIZERS.register("obq", Method("obq", OBQConfig, quantize, needs_hessian=True))
+QUANTIZERS.register("obq", Method("obq", OBQConfig, quantize, needs_hessian=True, estimate=estimate_cost))

@@ -49,12 +49,16 @@ class Method:
     """A quantization method: its config dataclass and its ``quantize(W, H, cfg)`` function.
 
     ``needs_hessian`` tells the pipeline whether calibration statistics must be collected.
+    ``estimate``, when given, predicts the cost before a run: ``estimate(shapes, device_kind)`` with
+    ``shapes`` the (out, in) of every linear, returning a dict with at least ``seconds`` and
+    ``peak_bytes``.
     """
 
     name: str
     config_cls: type
     quantize: Callable[..., Any]
     needs_hessian: bool
+    estimate: Callable[..., dict[str, Any]] | None = None
 
 
 QUANTIZERS: Registry[Method] = Registry("quantizer")
