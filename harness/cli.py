@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a.startswith(("hydra.searchpath", "+hydra.searchpath")) for a in argv):
-        argv.insert(0, f"hydra.searchpath=[file://{SWEEPS_DIR}]")  # declared studies: study=<name>
+        # declared studies (study=<name>) live in sweeps/; the override joins the user's overrides
+        argv.insert(_first_override(argv), f"hydra.searchpath=[file://{SWEEPS_DIR}]")
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let config errors reach us instead of Hydra's printer
     register_configs()
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
@@ -38,6 +39,20 @@ def main(argv: list[str] | None = None) -> None:
         _die(exc.line())
     except (hydra.errors.HydraException, OmegaConfBaseException) as exc:
         _die(describe_config_error(exc))
+
+
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--experimental-rerun", "--info", "-i", "--hydra-help"}
+
+
+def _first_override(argv: list[str]) -> int:
+    """Index of the first override (a positional argument) in Hydra's command line, or the end.
+
+    Overrides must stay contiguous for Hydra's argument parser (``-m a=1 b=2``, ``a=1 --cfg job``)."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-") and not (i > 0 and argv[i - 1] in _VALUE_FLAGS):
+            return i
+    return len(argv)
 
 
 def _die(line: str) -> None:
@@ -100,12 +115,28 @@ def _missing_option(exc: BaseException) -> str:
     return f"config: {text.splitlines()[0]}"
 
 
+def recorded_hash(cfg: Any) -> str | None:
+    """The config hash of ``cfg`` if a successful run of it is already in the results store."""
+    from harness import results
+    from harness.errors import UserError
+    from harness.record import config_hash, relevant_config
+    from harness.run import resolve_device, resolve_model_dtype
+
+    try:
+        dtype = resolve_model_dtype(cfg.model.dtype, resolve_device(cfg.device))
+    except UserError:
+        return None  # the run itself will report it
+    h = config_hash(relevant_config(cfg, dtype))
+    ok = any(r.get("config_hash") == h and r.get("status") == "ok" for r in results.iter_records(cfg.results_dir))
+    return h if ok else None
+
+
 def _task(cfg: Any) -> float | None:
     """The Hydra task: one run (or one job of a multirun)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from harness import results
+    from harness import results, tracking
     from harness.errors import UserError
     from harness.run import execute, failure_record, validate
     from harness.schema import unused_fields
@@ -120,24 +151,39 @@ def _task(cfg: Any) -> float | None:
         unused = ", ".join(f"{k}={v}" for k, v in unused_fields(cfg.quantizer).items())
         print(f"[skip] {cfg.quantizer.method} does not use {unused}", file=sys.stderr)
         return None
+    if multirun and not cfg.force:
+        done = recorded_hash(cfg)
+        if done is not None:
+            print(f"[done] {cfg.quantizer.method} {done} is already in {cfg.results_dir} (force=true reruns it)",
+                  file=sys.stderr)
+            return None
+    # One W&B run per harness run (logger=wandb): opened before anything can fail, closed in any case.
+    tracker = tracking.start(cfg, run_dir, sweep_dir=hc.sweep.dir if multirun else None)
+    ok = False
     try:
-        qcfg = validate(cfg)
-        record = execute(cfg, qcfg, run_dir=run_dir, progress=sys.stderr.isatty())
-    except UserError as exc:
-        if not multirun:
-            raise
-        results.append(cfg.results_dir, failure_record(cfg, exc, run_dir))
-        print(f"error: {exc.line()}", file=sys.stderr)
-        return None
-    except Exception as exc:  # recorded, then: a sweep goes on, a single run keeps its traceback
-        results.append(cfg.results_dir, failure_record(cfg, exc, run_dir))
-        if not multirun:
-            raise
-        print(f"[failed] {type(exc).__name__}: {exc}", file=sys.stderr)
-        return None
-    results.write_json_atomic(Path(run_dir) / "record.json", record)
-    results.append(cfg.results_dir, record)
-    if cfg.print_table:
-        print(run_table([record]))
-    ppl = [v for k, v in record["metrics"].items() if k.endswith("/ppl")]
-    return ppl[0] if ppl else None
+        try:
+            qcfg = validate(cfg)
+            record = execute(cfg, qcfg, run_dir=run_dir, progress=sys.stderr.isatty(),
+                             log=lambda line: print(line, file=sys.stderr))
+        except UserError as exc:
+            if not multirun:
+                _die(exc.line())  # exits here, before Hydra logs the exception
+            results.append(cfg.results_dir, failure_record(cfg, exc, run_dir))
+            print(f"error: {exc.line()}", file=sys.stderr)
+            return None
+        except Exception as exc:  # recorded, then: a sweep goes on, a single run keeps its traceback
+            results.append(cfg.results_dir, failure_record(cfg, exc, run_dir))
+            if not multirun:
+                raise
+            print(f"[failed] {type(exc).__name__}: {exc}", file=sys.stderr)
+            return None
+        results.write_json_atomic(Path(run_dir) / "record.json", record)
+        results.append(cfg.results_dir, record)
+        tracker.log_record(record)
+        if cfg.print_table:
+            print(run_table([record]))
+        ppl = [v for k, v in record["metrics"].items() if k.endswith("/ppl")]
+        ok = True
+        return ppl[0] if ppl else None
+    finally:
+        tracker.finish(ok)

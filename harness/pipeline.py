@@ -178,7 +178,7 @@ def quantize_model(
                 if H is not None and not torch.isfinite(H).all():
                     raise QuantizationError(f"the calibration Hessian of {full} has NaN/Inf values "
                                             "(calibration overflowed; try model.dtype=float32 or bfloat16)")
-                W = weight_matrix(mod, adapter).float()
+                W = weight_matrix(mod, adapter).float().clone()  # a copy: the write-back below reuses storage
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 
 from harness.results import SCHEMA_VERSION
 from harness.schema import FP16, method_fields
+from harness.zeroshot import reported_names
 
 PAPER_CALIB = (128, 2048)
 PAPER_EVAL_SEQLEN = 2048
@@ -41,6 +42,9 @@ def relevant_config(cfg: Any, dtype: str) -> dict[str, Any]:
         "quantizer": quant,
         "eval": {"datasets": list(cfg.eval.datasets), "seqlen": cfg.eval.seqlen, "max_windows": cfg.eval.max_windows},
     }
+    e = cfg.eval
+    if e.get("tasks"):  # lm-eval tasks under the names the run reports (offline, piqa runs as piqa_local)
+        out["eval"].update(tasks=reported_names(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit)
     if uses_calibration(q.method):
         c = cfg.calib
         out["calib"] = {"dataset": c.dataset, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,

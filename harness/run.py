@@ -8,13 +8,14 @@ import random
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import quantizers
-from harness import data
+from harness import data, zeroshot
 from harness.adapters import adapter_for
 from harness.errors import UserError
 from harness.models import load_model, resolve_dtype
@@ -74,6 +75,9 @@ def validate(cfg: DictConfig) -> Any:
     if cfg.eval.max_windows is not None and cfg.eval.max_windows < 1:
         raise UserError("eval.max_windows", f"{cfg.eval.max_windows} is not positive",
                         "use null (all) or a positive count")
+    # lm-eval task names, checked now: offline against the local tasks (no lm-eval import), online
+    # against lm-eval's registry.
+    zeroshot.validate(list(cfg.eval.tasks), cfg.eval.num_fewshot, cfg.eval.limit)
     if q.method == FP16:
         return None
     try:
@@ -92,8 +96,36 @@ def apply_runtime(cfg: DictConfig) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Do the run described by ``cfg`` and return its record."""
+def linear_shapes(model: torch.nn.Module, adapter: Any) -> list[tuple[int, int]]:
+    """(out, in) of every linear the pipeline quantizes."""
+    from harness.adapters import decoder_layers, is_quantizable, weight_matrix
+
+    return [tuple(weight_matrix(m, adapter).shape) for layer in decoder_layers(model, adapter)
+            for m in layer.modules() if is_quantizable(m)]
+
+
+def check_cost(method: Any, qcfg: Any, shapes: list[tuple[int, int]], device: torch.device,
+               max_minutes: float | None) -> dict[str, Any] | None:
+    """Predict the quantizer's time and memory (methods with an ``estimate``) and refuse a run
+    predicted to exceed ``max_minutes``. Returns the estimate for the record."""
+    if method.estimate is None:
+        return None
+    dtype_bytes = 8 if getattr(qcfg, "float64", False) else 4
+    est = method.estimate(shapes, "cuda" if device.type == "cuda" else "cpu", dtype_bytes=dtype_bytes)
+    est = {"minutes": est["seconds"] / 60, **est}
+    if max_minutes is not None and est["minutes"] > max_minutes:
+        raise UserError("quantizer.max_minutes",
+                        f"{method.name} is estimated at {est['minutes']:.0f} min on {device.type} "
+                        f"({est['flops']:.2e} FLOP, {est['peak_bytes_per_row'] / 2**20:.1f} MiB per row in flight), "
+                        f"above the limit of {max_minutes:g} min",
+                        f"raise it (quantizer.max_minutes={est['minutes'] * 1.5:.0f}) or use a GPU / smaller model")
+    return est
+
+
+def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bool = True,
+            log: Any = None) -> dict[str, Any]:
+    """Do the run described by ``cfg`` and return its record. ``log(line)`` receives notes meant
+    for the user before long steps (the CLI prints them)."""
     started = datetime.now(UTC).isoformat()
     t_all = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -116,6 +148,13 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
     modules: list[dict[str, Any]] = []
     if cfg.quantizer.method != FP16:
         method = quantizers.get(cfg.quantizer.method)
+        estimate = check_cost(method, qcfg, linear_shapes(model, adapter), device,
+                              cfg.quantizer.get("max_minutes"))
+        if estimate is not None:
+            provenance["estimate"] = estimate
+            if log is not None:
+                log(f"{method.name}: estimated {estimate['minutes']:.1f} min of quantization on {device.type} "
+                    f"({estimate['flops']:.2e} FLOP); limit quantizer.max_minutes={cfg.quantizer.max_minutes}")
         calib = None
         t0 = time.perf_counter()
         if method.needs_hessian:
@@ -127,6 +166,11 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
                              true_sequential=cfg.quantizer.true_sequential, progress=progress,
                              batch=cfg.calib.batch_size)
         modules = out.modules
+        raised = [m for m in modules if m.get("damp_retries")]
+        if raised and log is not None:  # never silent: the record keeps damp_percent_used per module
+            worst = max(raised, key=lambda m: m["damp_percent_used"])
+            log(f"warning: Cholesky failed at damp_percent={qcfg.damp_percent} for {len(raised)} module(s); "
+                f"damping was raised (up to {worst['damp_percent_used']:.3g} for {worst['module']})")
         timings.update({"quantize_s": out.timings["total_s"], "forward_hessian_s": out.timings["forward_hessian_s"],
                         "solver_s": out.timings["solver_s"]})
 
@@ -138,6 +182,13 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
         res = perplexity(model, tokens, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.batch_size, device, progress)
         metrics.update({f"{ds}/ppl": res["ppl"], f"{ds}/nll": res["nll"], f"{ds}/windows": res["windows"],
                         f"{ds}/tokens": res["tokens"]})
+    if cfg.eval.tasks:  # lm-eval on the model in memory; its keys are <task>/<metric>, never <dataset>/ppl
+        t1 = time.perf_counter()
+        zs_metrics, provenance["zeroshot"] = zeroshot.evaluate(
+            model, tok, list(cfg.eval.tasks), num_fewshot=cfg.eval.num_fewshot, limit=cfg.eval.limit,
+            batch_size=cfg.eval.batch_size, work_dir=Path(run_dir) / "lm_eval" if run_dir else None)
+        metrics.update(zs_metrics)
+        timings["zeroshot_s"] = time.perf_counter() - t1
     timings["evaluate_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
 

@@ -9,6 +9,8 @@ run says so and stops, a sweep skips that combination: :func:`unused_fields`).
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -50,12 +52,23 @@ class EvalConfig:
     datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
     seqlen: int = 2048
     max_windows: int | None = None  # null = every window (the paper protocol)
-    batch_size: int = 8
+    batch_size: int = 8  # shared: perplexity windows per forward, and lm-eval's HFLM batch size for eval.tasks
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks (harness/zeroshot.py); [] = none
+    num_fewshot: int | None = None  # null = each task's default (0 for the six of eval=lm_eval)
+    limit: float | None = None  # null = every item; < 1 a fraction, >= 1 a count per task (lm-eval's --limit)
 
 
 @dataclass
 class LoggerConfig:
+    """Run tracking. ``name``: ``wandb`` (the default) or ``none``; the rest are W&B's knobs."""
+
     name: str = "none"
+    mode: str = "auto"  # auto (online iff an API key is configured) | online | offline | disabled
+    project: str = "quant-harness"
+    entity: str | None = None  # W&B user or team; null = the key's default entity
+    group: str | None = None  # null = the study name (or the sweep's, in a sweep without one)
+    tags: list[str] = field(default_factory=list)  # added to model:<name>, method:<m>, bits:<n>
+    system_metrics: bool = False  # W&B's CPU/GPU sampling; off so it cannot disturb timings
 
 
 @dataclass
@@ -63,31 +76,32 @@ class PipelineFields:
     """Knobs of the layer-by-layer pipeline that live under ``quantizer`` by community habit."""
 
     true_sequential: bool = True
+    max_minutes: Optional[float] = 60.0  # refuse a run whose predicted quantization time exceeds this
 
 
 def quantizer_node() -> type:
     """Build the ``quantizer`` schema: ``method`` + the union of all methods' config fields."""
     quantizers.get("rtn")  # loads the built-in methods
-    seen: dict[str, dataclasses.Field] = {}
-    for name in quantizers.QUANTIZERS.names():
-        for f in dataclasses.fields(quantizers.QUANTIZERS.get(name).config_cls):
-            prev = seen.get(f.name)
-            if prev is not None and (prev.type != f.type or prev.default != f.default):
-                raise TypeError(f"quantizer field {f.name!r} differs between methods "
-                                f"({prev.default!r} vs {f.default!r})")
-            seen[f.name] = f
-    for f in dataclasses.fields(PipelineFields):
-        seen[f.name] = f
+    seen: dict[str, tuple[Any, Any]] = {}  # name → (type, default)
+    classes = [quantizers.QUANTIZERS.get(n).config_cls for n in quantizers.QUANTIZERS.names()] + [PipelineFields]
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            entry = (_hydra_type(hints[f.name]), f.default)
+            if seen.get(f.name, entry) != entry:
+                raise TypeError(f"quantizer field {f.name!r} differs between methods ({seen[f.name]} vs {entry})")
+            seen[f.name] = entry
     spec = [("method", str, field(default=FP16))]
-    spec += [(f.name, _hydra_type(f.type), field(default=f.default)) for f in seen.values()]
+    spec += [(name, t, field(default=default)) for name, (t, default) in seen.items()]
     return dataclasses.make_dataclass("QuantizerConfig", spec)
 
 
 def _hydra_type(t: Any) -> Any:
-    # dataclass fields carry string annotations under `from __future__ import annotations`
-    table = {"int": int, "float": float, "bool": bool, "str": str, "int | None": Optional[int],
-             "float | None": Optional[float], "str | None": Optional[str]}
-    return table.get(t, t) if isinstance(t, str) else t
+    """``X | None`` → ``Optional[X]``, the spelling OmegaConf's schemas understand."""
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+        return Optional[next(a for a in args if a is not type(None))]
+    return t
 
 
 def method_fields(method: str) -> set[str]:
@@ -97,7 +111,9 @@ def method_fields(method: str) -> set[str]:
     m = quantizers.get(method)
     names = {f.name for f in dataclasses.fields(m.config_cls)}
     if m.needs_hessian:
-        names |= {f.name for f in dataclasses.fields(PipelineFields)}
+        names.add("true_sequential")
+    if m.estimate is not None:
+        names.add("max_minutes")
     return names
 
 
@@ -138,6 +154,7 @@ class RunConfig:
     tf32: bool = False
     deterministic: bool = False
     print_table: bool = True
+    force: bool = False  # in a sweep, rerun configurations already recorded in the results store
 
 
 def register_configs() -> None:

@@ -50,12 +50,12 @@ def run_table(records: Iterable[dict[str, Any]], fmt: str = "github") -> str:
 def _notes(records: list[dict[str, Any]]) -> list[str]:
     notes = []
     protocols = {(r.get("protocol") or {}).get("label") for r in records}
-    for r in records:
-        p = r.get("protocol") or {}
-        if p.get("label") == "reduced":
-            notes.append(f"reduced protocol (not the paper's): calibration {p.get('calib')}, "
-                         f"evaluation {p.get('eval')}")
-            break
+    reduced = [r.get("protocol") or {} for r in records if (r.get("protocol") or {}).get("label") == "reduced"]
+    if reduced:
+        calib = sorted({p.get("calib") for p in reduced} - {"none", None})
+        evals = sorted({p.get("eval") for p in reduced} - {None})
+        notes.append(f"reduced protocol (not the paper's): calibration {', '.join(calib) or 'none'}; "
+                     f"evaluation {', '.join(evals)}")
     if protocols == {"paper"}:
         notes.append("paper protocol: 128×2048 calibration tokens, every evaluation window of 2048")
     pre = {r.get("model", {}).get("weights_prequantized") for r in records} - {None}

@@ -155,3 +155,13 @@ def test_batched_layer_forward_matches_one_row_at_a_time(name):
         hs[batch] = seen
     for a, b in zip(hs[1], hs[3], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diagnostics_compare_against_the_original_weights(dtype):
+    """The write-back must not alias the weight the diagnostics compare with (float32 shares storage)."""
+    model = tiny_model("tiny-llama").model.to(dtype)
+    out = quantize_model(model, adapter_for(model), __import__("quantizers").get("gptq"),
+                         __import__("quantizers.gptq", fromlist=["GPTQConfig"]).GPTQConfig(bits=2),
+                         _calib(model, n=2, seqlen=16), torch.device("cpu"), progress=False)
+    assert all(m["output_rel_err"] > 1e-4 for m in out.modules)

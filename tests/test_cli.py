@@ -134,3 +134,39 @@ def test_readme_commands_are_what_ci_runs():
     assert len(blocks) == 2
     test_cmd = blocks[1]
     assert "pytest" in test_cmd and test_cmd in ci
+
+
+def test_obq_runs_end_to_end_and_refuses_above_its_time_limit(tmp_path):
+    proc = harness(tmp_path, "model=tiny-llama", "quantizer=obq", "quantizer.bits=3", *QUICK)
+    assert "obq: estimated" in proc.stderr
+    rec = list(results.iter_records(tmp_path / "results"))[0]
+    assert rec["data"]["estimate"]["flops"] > 0 and all("output_rel_err" in m for m in rec["modules"])
+    proc = harness(tmp_path, "model=tiny-llama", "quantizer=obq", "quantizer.max_minutes=1e-9", *QUICK, check=False)
+    assert proc.returncode == 2 and "error: quantizer.max_minutes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_failed_cholesky_raises_damping_with_a_warning_and_records_it(tmp_path):
+    """A rank-deficient H (4 random tokens for 64 inputs) with almost no damping: never RTN, never silent."""
+    proc = harness(tmp_path, "model=tiny-llama", "quantizer=gptq", "quantizer.damp_percent=1e-10",
+                   "calib.dataset=random", "calib.nsamples=1", "calib.seqlen=4", *QUICK[:2])
+    assert "warning: Cholesky failed" in proc.stderr
+    rec = list(results.iter_records(tmp_path / "results"))[0]
+    raised = [m for m in rec["modules"] if m["damp_retries"] > 0]
+    assert raised and all(m["damp_percent_used"] > 1e-10 for m in raised)
+
+
+def test_multirun_flag_sweeps_and_skips_what_is_recorded(tmp_path):
+    def sweep() -> subprocess.CompletedProcess:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HARNESS_CACHE=str(tmp_path / "cache"))
+        return subprocess.run([sys.executable, "-m", "harness", "-m", f"results_dir={tmp_path / 'results'}",
+                               "model=tiny-gpt2", "quantizer=fp16,rtn", "quantizer.bits=4,3", "logger=none", *QUICK],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=True)
+
+    first = sweep()
+    assert "[skip] fp16 does not use bits=3" in first.stderr
+    recs = list(results.iter_records(tmp_path / "results"))
+    assert [(r["relevant"]["quantizer"]["method"], r["relevant"]["quantizer"].get("bits")) for r in recs] == [
+        ("fp16", None), ("rtn", 4), ("rtn", 3)]
+    second = sweep()  # a rerun completes nothing twice
+    assert second.stderr.count("[done]") == 3
+    assert len(list(results.iter_records(tmp_path / "results"))) == 3

@@ -1,0 +1,63 @@
+"""A pool of device slots shared by the concurrent jobs of a sweep on one machine.
+
+Slot *i* is the file ``<dir>/slot-<i>.lock`` held with an exclusive ``flock``: a job owns exactly
+one slot for its whole run, no two jobs own the same one, and a job that dies (even by SIGKILL)
+releases its slot because the kernel drops the lock with the process. With more jobs than slots,
+the others wait for a slot to free up.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Slot:
+    index: int
+    fd: int
+    path: Path
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def acquire(directory: str | Path, count: int, poll_s: float = 0.2, timeout_s: float | None = None) -> Slot:
+    """Take a free slot among ``count`` (waiting while all are taken); the lowest free index wins."""
+    if count < 1:
+        raise ValueError(f"a slot pool needs at least one slot, got {count}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        for i in range(count):
+            path = directory / f"slot-{i}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for people looking
+            return Slot(i, fd, path)
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"no free slot among {count} in {directory} after {timeout_s} s")
+        time.sleep(poll_s)
+
+
+def device_count() -> int:
+    """The number of visible CUDA devices (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
