@@ -15,8 +15,16 @@ class StudyTable(Callback):
         from harness.tables import run_table
 
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
-        recs = [r for r in results.iter_records(config.results_dir)
-                if r.get("run_dir") and str(Path(r["run_dir"]).resolve()).startswith(sweep_dir)]
+        reused_file = Path(sweep_dir) / "reused.txt"
+        reused = set(reused_file.read_text().split()) if reused_file.exists() else set()
+        latest: dict[str, dict] = {}  # runs recorded before this sweep that it reused, latest each
+        recs = []
+        for r in results.iter_records(config.results_dir):
+            if r.get("run_dir") and str(Path(r["run_dir"]).resolve()).startswith(sweep_dir):
+                recs.append(r)
+            elif r.get("config_hash") in reused and r.get("status") == "ok":
+                latest[r["config_hash"]] = r
+        recs = list(latest.values()) + recs
         if not recs:
             return
         table = run_table(recs)

@@ -156,7 +156,12 @@ def _task(cfg: Any) -> float | None:
         if done is not None:
             print(f"[done] {cfg.quantizer.method} {done} is already in {cfg.results_dir} (force=true reruns it)",
                   file=sys.stderr)
+            reused = Path(hc.sweep.dir) / "reused.txt"  # the study's table shows the recorded run
+            reused.parent.mkdir(parents=True, exist_ok=True)
+            with open(reused, "a") as f:
+                f.write(done + "\n")
             return None
+    slot = _take_slot(cfg, hc) if multirun else None
     # One W&B run per harness run (logger=wandb): opened before anything can fail, closed in any case.
     tracker = tracking.start(cfg, run_dir, sweep_dir=hc.sweep.dir if multirun else None)
     ok = False
@@ -177,6 +182,8 @@ def _task(cfg: Any) -> float | None:
                 raise
             print(f"[failed] {type(exc).__name__}: {exc}", file=sys.stderr)
             return None
+        if slot is not None:
+            record["slot"] = slot_info(slot, record["device"])
         results.write_json_atomic(Path(run_dir) / "record.json", record)
         results.append(cfg.results_dir, record)
         tracker.log_record(record)
@@ -187,3 +194,31 @@ def _task(cfg: Any) -> float | None:
         return ppl[0] if ppl else None
     finally:
         tracker.finish(ok)
+        if slot is not None:
+            slot.release()
+
+
+def _take_slot(cfg: Any, hc: Any) -> Any:
+    """In a sweep on one machine, hold one slot of the device pool for the whole job and pin the job
+    to that slot's GPU. On SLURM the scheduler hands out GPUs, so no pool is used there."""
+    from omegaconf import open_dict
+
+    from harness import slots
+
+    if str(hc.launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        return None
+    slot = slots.acquire(Path(cfg.slots.dir), slots.slot_count(cfg.slots.count))
+    if cfg.device in ("auto", "cuda") and slots.device_count() > 0:
+        with open_dict(cfg):
+            cfg.device = f"cuda:{slot.index}"
+    return slot
+
+
+def slot_info(slot: Any, device: str) -> dict[str, Any]:
+    """Which slot and which physical GPU a job used (for checking that no two jobs shared one)."""
+    info: dict[str, Any] = {"index": slot.index, "pid": os.getpid(), "device": device}
+    if device.startswith("cuda"):
+        import torch
+
+        info["gpu_uuid"] = str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+    return info

@@ -56,7 +56,26 @@ def load_model(mcfg: Any, cache_dir: str | Path | None) -> LoadedModel:
     path = resolve_path(mcfg.path)
     if path.endswith(".gguf"):
         return _gguf(mcfg, Path(path), dtype, cache_dir)
+    from harness.export import is_gptq_checkpoint
+
+    if is_gptq_checkpoint(path):
+        return _gptq(mcfg, path, dtype)
     return _pretrained(mcfg, path, dtype)
+
+
+def _gptq(mcfg: Any, path: str, dtype: torch.dtype) -> LoadedModel:
+    """A checkpoint in the GPTQ layout (as ``export=gptq`` writes): packed linears, run as QuantLinear."""
+    from harness.export import load_gptq_checkpoint, read_quantization_config
+
+    try:
+        model, tok = load_gptq_checkpoint(path, dtype)
+    except ValueError as exc:
+        raise UserError("model.path", f"cannot load GPTQ checkpoint {path}: {exc}",
+                        "re-export it with export=gptq") from None
+    if mcfg.tokenizer or tok is None:
+        tok = load_tokenizer(mcfg.tokenizer or "data:tokenizers/gpt2")
+    return LoadedModel(model.eval(), tok, {"source": path, "checkpoint_format": "gptq",
+                                           "quantization_config": read_quantization_config(path)})
 
 
 def load_tokenizer(spec: str, key: str = "model.tokenizer") -> Any:

@@ -45,6 +45,8 @@ def relevant_config(cfg: Any, dtype: str) -> dict[str, Any]:
     e = cfg.eval
     if e.get("tasks"):  # lm-eval tasks under the names the run reports (offline, piqa runs as piqa_local)
         out["eval"].update(tasks=reported_names(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit)
+    if cfg.get("export", "none") != "none":  # the packed model (float16 scales) evaluates a hair differently
+        out["export"] = cfg.export
     if uses_calibration(q.method):
         c = cfg.calib
         out["calib"] = {"dataset": c.dataset, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,

@@ -1,7 +1,8 @@
 """One harness run: validate → load → calibrate → quantize → evaluate → record.
 
 :func:`validate` checks everything that can be checked before a model loads; :func:`execute`
-does the work and returns the record (it writes nothing; the CLI stores and prints)."""
+does the work and returns the record (the CLI stores and prints it; the only file it writes is the
+checkpoint that ``export=gptq`` asks for)."""
 from __future__ import annotations
 
 import random
@@ -18,7 +19,8 @@ import quantizers
 from harness import data, zeroshot
 from harness.adapters import adapter_for
 from harness.errors import UserError
-from harness.models import load_model, resolve_dtype
+from harness.export import footprint, footprint_of_shapes, is_gptq_checkpoint, replace_linears, save_gptq_checkpoint
+from harness.models import load_model, resolve_dtype, resolve_path
 from harness.perplexity import perplexity
 from harness.pipeline import quantize_model
 from harness.record import config_hash, environment, new_record, peak_memory, protocol_label, relevant_config
@@ -78,6 +80,16 @@ def validate(cfg: DictConfig) -> Any:
     # lm-eval task names, checked now: offline against the local tasks (no lm-eval import), online
     # against lm-eval's registry.
     zeroshot.validate(list(cfg.eval.tasks), cfg.eval.num_fewshot, cfg.eval.limit)
+    if cfg.export not in ("none", "gptq"):
+        raise UserError("export", f"unknown export {cfg.export!r}", "use none or gptq")
+    if cfg.export == "gptq" and q.method == FP16:
+        raise UserError("export", "export=gptq needs a quantizer", "set quantizer=gptq|rtn|obq or export=none")
+    if cfg.export == "gptq" and q.bits not in (2, 3, 4, 8):
+        raise UserError("quantizer.bits", f"the GPTQ format has no {q.bits}-bit layout",
+                        "use bits 2, 3, 4 or 8, or export=none")
+    if q.method != FP16 and cfg.model.path != "tiny" and is_gptq_checkpoint(resolve_path(cfg.model.path)):
+        raise UserError("quantizer.method", "model.path is a GPTQ checkpoint (already quantized)",
+                        "use quantizer=fp16 to evaluate it")
     if q.method == FP16:
         return None
     try:
@@ -155,6 +167,14 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
             if log is not None:
                 log(f"{method.name}: estimated {estimate['minutes']:.1f} min of quantization on {device.type} "
                     f"({estimate['flops']:.2e} FLOP); limit quantizer.max_minutes={cfg.quantizer.max_minutes}")
+        if cfg.export == "gptq":  # a shape the format cannot hold fails now, not after the solver
+            from quantizers.pack import check_packable
+
+            for o, i in linear_shapes(model, adapter):
+                try:
+                    check_packable(qcfg.bits, i, o)
+                except ValueError as exc:
+                    raise UserError("export", str(exc), "use export=none or other bits") from None
         calib = None
         t0 = time.perf_counter()
         if method.needs_hessian:
@@ -164,7 +184,7 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
         timings["calibration_data_s"] = time.perf_counter() - t0
         out = quantize_model(model, adapter, method, qcfg, calib, device,
                              true_sequential=cfg.quantizer.true_sequential, progress=progress,
-                             batch=cfg.calib.batch_size)
+                             batch=cfg.calib.batch_size, keep_results=cfg.export != "none")
         modules = out.modules
         raised = [m for m in modules if m.get("damp_retries")]
         if raised and log is not None:  # never silent: the record keeps damp_percent_used per module
@@ -173,6 +193,27 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
                 f"damping was raised (up to {worst['damp_percent_used']:.3g} for {worst['module']})")
         timings.update({"quantize_s": out.timings["total_s"], "forward_hessian_s": out.timings["forward_hessian_s"],
                         "solver_s": out.timings["solver_s"]})
+        if cfg.export == "gptq":
+            t1 = time.perf_counter()
+            if run_dir is not None:
+                info = save_gptq_checkpoint(model, tok, out.results, qcfg, Path(run_dir) / "checkpoint",
+                                            true_sequential=cfg.quantizer.true_sequential,
+                                            meta={"method": cfg.quantizer.method, "config_hash": config_hash(relevant)})
+                provenance["export"] = {k: info[k] for k in ("path", "bytes", "tensors", "v1_wrapped_zeros")}
+            replace_linears(model, adapter, out.results, group_size=qcfg.group_size)  # evaluate what was exported
+            out.results.clear()
+            timings["export_s"] = time.perf_counter() - t1
+
+    from quantizers.qlinear import QuantLinear, kernel_paths
+
+    packed = any(isinstance(m, QuantLinear) for m in model.modules())
+    if packed:
+        weights = footprint(model)  # a packed run, or a loaded GPTQ checkpoint
+    else:
+        fp = cfg.quantizer.method == FP16
+        weights = footprint_of_shapes(linear_shapes(model, adapter), None if fp else qcfg.bits,
+                                      None if fp else qcfg.group_size)
+    provenance["kernel_paths"] = kernel_paths(model)
 
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
@@ -201,13 +242,15 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
         config=OmegaConf.to_container(cfg, resolve=True),
         protocol=protocol_label(cfg),
         model={"name": cfg.model.name, "type": getattr(model.config, "model_type", None), "dtype": dtype,
-               "n_params": sum(p.numel() for p in model.parameters()),
+               "n_params": sum(p.numel() for p in model.parameters()) + (weights["quantized_weights"] if packed else 0),
                "weights_prequantized": cfg.model.weights_prequantized, **loaded.info},
         device=str(device),
         data=provenance,
         metrics=metrics,
         timings=timings,
-        memory=peak_memory(device),
+        memory={**peak_memory(device), "weight_bytes": weights["weight_bytes_quantized"],
+                "weight_bytes_fp16": weights["weight_bytes_fp16_equivalent"],
+                "bits_per_weight": weights["bits_per_weight"]},
         modules=modules,
         env=environment(),
         run_dir=run_dir,

@@ -140,6 +140,14 @@ def method_config(qcfg: Any) -> Any:
 
 
 @dataclass
+class SlotsConfig:
+    """The device slot pool of a parallel sweep: ``count`` null = one slot per visible GPU."""
+
+    count: Optional[int] = None
+    dir: str = "${results_dir}/.slots"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     calib: CalibConfig = MISSING
@@ -154,13 +162,20 @@ class RunConfig:
     tf32: bool = False
     deterministic: bool = False
     print_table: bool = True
+    slots: SlotsConfig = field(default_factory=SlotsConfig)
+    export: str = "none"  # none | gptq: write <run dir>/checkpoint/ (GPTQ layout) and evaluate the packed model
     force: bool = False  # in a sweep, rerun configurations already recorded in the results store
 
 
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore (called by the CLI, never at import)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    from harness.slots import slot_count
+
+    if not OmegaConf.has_resolver("harness_slots"):  # n_jobs of the parallel launcher
+        OmegaConf.register_new_resolver("harness_slots", slot_count)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="schema", node=ModelConfig)

@@ -56,6 +56,11 @@ def acquire(directory: str | Path, count: int, poll_s: float = 0.2, timeout_s: f
         time.sleep(poll_s)
 
 
+def slot_count(count: int | None = None) -> int:
+    """Slots of the pool: ``count`` when given, else one per visible GPU (at least one)."""
+    return int(count) if count else max(device_count(), 1)
+
+
 def device_count() -> int:
     """The number of visible CUDA devices (0 without CUDA)."""
     import torch

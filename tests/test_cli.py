@@ -169,4 +169,21 @@ def test_multirun_flag_sweeps_and_skips_what_is_recorded(tmp_path):
         ("fp16", None), ("rtn", 4), ("rtn", 3)]
     second = sweep()  # a rerun completes nothing twice
     assert second.stderr.count("[done]") == 3
+    assert second.stdout.count("| tiny-gpt2") == 3  # the study's table still shows the reused runs
     assert len(list(results.iter_records(tmp_path / "results"))) == 3
+
+
+def test_export_gptq_checkpoint_reloads_with_the_same_perplexity(tmp_path):
+    harness(tmp_path, "model=tiny-llama", "quantizer=gptq", "quantizer.group_size=32", "quantizer.desc_act=true",
+            "export=gptq", "logger=none", *QUICK)
+    made = list(results.iter_records(tmp_path / "results"))[0]
+    ckpt = Path(made["run_dir"]) / "checkpoint"
+    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    harness(tmp_path, "model=hf", f"model.path={ckpt}", "model.tokenizer=data:tokenizers/gpt2", "model.dtype=float32",
+            "logger=none", *QUICK)
+    loaded = list(results.iter_records(tmp_path / "results"))[1]
+    assert loaded["metrics"]["wikitext2/ppl"] == made["metrics"]["wikitext2/ppl"]
+    assert loaded["memory"]["bits_per_weight"] == pytest.approx(made["memory"]["bits_per_weight"])
+    assert 4 < made["memory"]["bits_per_weight"] < 6  # 4-bit codes + group-32 scales/zeros + g_idx
+    proc = harness(tmp_path, "model=hf", f"model.path={ckpt}", "quantizer=rtn", "logger=none", *QUICK, check=False)
+    assert proc.returncode == 2 and "error: quantizer.method" in proc.stderr
