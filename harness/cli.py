@@ -138,6 +138,7 @@ def _task(cfg: Any) -> float | None:
 
     from harness import results, tracking
     from harness.errors import UserError
+    from harness.pipeline import QuantizationError
     from harness.run import execute, failure_record, validate
     from harness.schema import unused_fields
     from harness.tables import run_table
@@ -178,6 +179,9 @@ def _task(cfg: Any) -> float | None:
             return None
         except Exception as exc:  # recorded, then: a sweep goes on, a single run keeps its traceback
             results.append(cfg.results_dir, failure_record(cfg, exc, run_dir))
+            if not multirun and isinstance(exc, QuantizationError):  # bad data, not a bug: one line, exit 1
+                print(f"error: {exc}", file=sys.stderr)
+                sys.exit(1)
             if not multirun:
                 raise
             print(f"[failed] {type(exc).__name__}: {exc}", file=sys.stderr)

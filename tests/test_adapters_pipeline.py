@@ -165,3 +165,16 @@ def test_diagnostics_compare_against_the_original_weights(dtype):
                          __import__("quantizers.gptq", fromlist=["GPTQConfig"]).GPTQConfig(bits=2),
                          _calib(model, n=2, seqlen=16), torch.device("cpu"), progress=False)
     assert all(m["output_rel_err"] > 1e-4 for m in out.modules)
+
+
+def test_a_broken_calibration_hessian_stops_the_run_naming_the_module():
+    from harness.pipeline import QuantizationError
+    from quantizers import get
+    from quantizers.gptq import GPTQConfig
+
+    model = tiny_model("tiny-llama").model
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[3] = float("inf")  # overflows the MLP inputs
+    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.mlp\.up_proj"):
+        quantize_model(model, adapter_for(model), get("gptq"), GPTQConfig(bits=4), _calib(model, n=2, seqlen=8),
+                       torch.device("cpu"), true_sequential=True, progress=False)
