@@ -104,6 +104,15 @@ def data_root() -> Path | None:
     return root
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (data files, GGUF weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 identifying what a tokenizer does: its full serialized pipeline when it is a fast
     (``tokenizers``-backed) tokenizer, else its class, name_or_path, size and sorted vocabulary."""

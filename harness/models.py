@@ -2,7 +2,6 @@
 files shipped in packages (``pkg://``), and tiny random models built from a config."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.data import file_sha256
 from harness.errors import UserError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -124,7 +124,7 @@ def _gguf(mcfg: Any, file: Path, dtype: torch.dtype, cache_dir: str | Path | Non
     """Convert a GGUF file once to a safetensors directory in the cache, then load that."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = _file_digest(file)
+    digest = file_sha256(file)
     info = {"source": str(file), "gguf_sha256": digest}
     target = Path(cache_dir or tempfile.gettempdir()) / "models" / f"{file.stem}-{digest[:12]}"
     if not (target / "config.json").exists():
@@ -167,14 +167,6 @@ def _tiny(mcfg: Any, dtype: torch.dtype) -> LoadedModel:
     model = model.to(dtype).eval()
     tokenizer = load_tokenizer(mcfg.tokenizer or "data:tokenizers/gpt2")
     return LoadedModel(model, tokenizer, {"source": f"tiny random {model_type}", "seed": mcfg.seed})
-
-
-def _file_digest(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -42,6 +42,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from harness.data import file_sha256
 from harness.errors import UserError
 
 KEY = "eval.tasks"
@@ -360,7 +361,7 @@ def write_task_yamls(root: Path, task_dir: Path, names: Sequence[str], lm_eval_t
         path = task_dir / f"{name}.yaml"
         path.write_text(_task_yaml(t, root, files, lm_eval_tasks / t.builtin_yaml), encoding="utf-8")
         sources[name] = {"builtin": t.builtin, "yaml": str(path), "differs": t.differs,
-                         "files": {rel: _sha256(f) for rel, f in zip(t.files, files, strict=True)}}
+                         "files": {rel: file_sha256(f) for rel, f in zip(t.files, files, strict=True)}}
     return sources
 
 
@@ -396,14 +397,6 @@ def _task_yaml(t: LocalTask, root: Path, files: list[Path], builtin_yaml: Path) 
     lines += [f"{k}: {json.dumps(v)}" for k, v in fields.items()]  # JSON values are valid YAML
     lines.append(f"custom_dataset: !function {_LOADERS}.{t.loader}")
     return "\n".join(lines) + "\n"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
