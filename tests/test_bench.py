@@ -1,0 +1,25 @@
+"""The benchmarks' smoke runs print their tables and write their JSON."""
+from __future__ import annotations
+
+import json
+
+from harness import bench
+from tests.conftest import requires_data
+
+
+def test_quantize_smoke(tmp_path, capsys):
+    assert bench.main(["quantize", "--smoke", "--layers", "1", "--nsamples", "2", "--seqlen", "32",
+                       "--out", str(tmp_path / "q.json")]) == 0
+    out = capsys.readouterr().out
+    assert "gptq act-order g128" in out and "solver s/layer" in out
+    rows = json.loads((tmp_path / "q.json").read_text())["result"]
+    assert [r["setting"] for r in rows] == ["rtn", "gptq per-channel", "gptq act-order g128"]
+    assert all(r["total s/layer"] > 0 for r in rows)
+
+
+@requires_data
+def test_eval_smoke(tmp_path, capsys):
+    assert bench.main(["eval", "--smoke", "--layers", "1", "--seqlen", "64", "--max-windows", "4",
+                       "--out", str(tmp_path / "e.json")]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())["result"]
+    assert res["tokens"] == 256 and res["time / floor"] > 0
