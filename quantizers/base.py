@@ -46,14 +46,17 @@ class GridConfig:
             )
         if self.group_size == -1:
             self.group_size = None
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+        gs = self.group_size
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
             raise QuantConfigError(
                 "group_size", f"{self.group_size!r} is not a positive group size",
                 "use a positive integer, or null / -1 for per-channel",
             )
-        if self.mse_grid <= 0 or not (0.0 <= self.mse_maxshrink < 1.0) or self.mse_norm <= 0:
-            raise QuantConfigError("mse_grid", "the clipping search needs mse_grid > 0, 0 <= mse_maxshrink < 1, "
-                                   "mse_norm > 0")
+        for key, ok, rule in (("mse_grid", self.mse_grid > 0, "a positive number of steps"),
+                              ("mse_maxshrink", 0.0 <= self.mse_maxshrink < 1.0, "a fraction in [0, 1)"),
+                              ("mse_norm", self.mse_norm > 0, "a positive exponent (2.4 in the reference)")):
+            if not ok:
+                raise QuantConfigError(key, f"{getattr(self, key)!r} is not {rule}", f"use {rule}")
         return self
 
     @property

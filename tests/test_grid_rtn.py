@@ -113,7 +113,9 @@ def test_rtn_per_channel_aliases():
 
 
 @pytest.mark.parametrize("kwargs,key", [({"bits": 1}, "bits"), ({"bits": 9}, "bits"), ({"group_size": 0}, "group_size"),
-                                        ({"group_size": -2}, "group_size")])
+                                        ({"group_size": -2}, "group_size"), ({"group_size": True}, "group_size"),
+                                        ({"mse_grid": 0}, "mse_grid"), ({"mse_maxshrink": 1.0}, "mse_maxshrink"),
+                                        ({"mse_norm": -1.0}, "mse_norm")])
 def test_rtn_config_errors_name_the_key(kwargs, key):
     with pytest.raises(QuantConfigError) as info:
         RTNConfig(**kwargs).validate()
