@@ -41,3 +41,20 @@ def test_paper_defaults():
     cfg = compose()
     assert (cfg.calib.dataset, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed) == ("c4", 128, 2048, 0)
     assert (cfg.eval.seqlen, cfg.eval.max_windows) == (2048, None)
+
+
+@pytest.mark.parametrize("launcher", sorted(p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("*.yaml")))
+def test_every_launcher_composes(launcher):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from harness.cli import CONF_DIR
+    from harness.schema import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert {"gpus": "Joblib", "slurm": "Slurm", "local": "Local"}[launcher] in target
+    if launcher == "gpus":  # one job per GPU; at least one without a GPU
+        assert cfg.hydra.launcher.n_jobs >= 1
