@@ -61,13 +61,21 @@ def select(df: pd.DataFrame, study: str | None = None) -> pd.DataFrame:
     df["_dtype"] = _col(df, "model.dtype", "?")
     df["_eval"] = _col(df, "protocol.eval", "?")
     df["_method"] = _col(df, "relevant.quantizer.method", "?")
+    bits, group, act = (_col(df, f"relevant.quantizer.{k}", None) for k in ("bits", "group_size", "desc_act"))
+    # a loaded GPTQ checkpoint evaluated as is: its setting comes from its quantization_config
+    ckpt = [fmt == "gptq" for fmt in _col(df, "model.checkpoint_format", None)]
+    if any(ckpt):
+        qc = {k: list(_col(df, f"model.quantization_config.{k}", None)) for k in ("bits", "group_size", "desc_act")}
+        df["_method"] = ["gptq checkpoint" if c else m for c, m in zip(ckpt, df["_method"], strict=True)]
+        bits = [qc["bits"][i] if c else b for i, (c, b) in enumerate(zip(ckpt, bits, strict=True))]
+        group = [(None if qc["group_size"][i] == -1 else qc["group_size"][i]) if c else g
+                 for i, (c, g) in enumerate(zip(ckpt, group, strict=True))]
+        act = [qc["desc_act"][i] if c else a for i, (c, a) in enumerate(zip(ckpt, act, strict=True))]
     # object columns: pandas would turn whole numbers with gaps into floats and None into NaN
-    df["_bits"] = pd.Series([_int(b) for b in _col(df, "relevant.quantizer.bits", None)], index=df.index, dtype=object)
-    df["_group"] = pd.Series([_int(g) for g in _col(df, "relevant.quantizer.group_size", None)], index=df.index,
-                             dtype=object)
+    df["_bits"] = pd.Series([_int(b) for b in bits], index=df.index, dtype=object)
+    df["_group"] = pd.Series([_int(g) for g in group], index=df.index, dtype=object)
     # act-order: True/False for methods that have it, None for those that do not (RTN, fp16)
-    df["_act"] = pd.Series([_flag(v) for v in _col(df, "relevant.quantizer.desc_act", None)], index=df.index,
-                           dtype=object)
+    df["_act"] = pd.Series([_flag(v) for v in act], index=df.index, dtype=object)
     df["_label"] = _labels(df)
     return df
 

@@ -11,6 +11,11 @@ def setting(rec: dict[str, Any]) -> dict[str, Any]:
     """Readable quantizer setting of a record: method, bits, group, act-order, sym."""
     q = rec.get("relevant", {}).get("quantizer", {})
     method = q.get("method", "?")
+    model = rec.get("model") or {}
+    if model.get("checkpoint_format") == "gptq":  # a loaded GPTQ checkpoint, evaluated as is
+        qc = model.get("quantization_config") or {}
+        q = {**qc, "group_size": None if qc.get("group_size") == -1 else qc.get("group_size")}
+        method = "gptq checkpoint"
     if method == "fp16":
         return {"method": "fp16", "bits": 16, "group": "–", "act-order": "–", "sym": "–"}
     gs = q.get("group_size")

@@ -179,8 +179,9 @@ def test_export_gptq_checkpoint_reloads_with_the_same_perplexity(tmp_path):
     made = list(results.iter_records(tmp_path / "results"))[0]
     ckpt = Path(made["run_dir"]) / "checkpoint"
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
-    harness(tmp_path, "model=hf", f"model.path={ckpt}", "model.tokenizer=data:tokenizers/gpt2", "model.dtype=float32",
-            "logger=none", *QUICK)
+    proc = harness(tmp_path, "model=hf", f"model.path={ckpt}", "model.tokenizer=data:tokenizers/gpt2",
+                   "model.dtype=float32", "logger=none", *QUICK)
+    assert "| gptq checkpoint | 4 " in proc.stdout  # labelled by its quantization_config, not as fp16
     loaded = list(results.iter_records(tmp_path / "results"))[1]
     assert loaded["metrics"]["wikitext2/ppl"] == made["metrics"]["wikitext2/ppl"]
     assert loaded["memory"]["bits_per_weight"] == pytest.approx(made["memory"]["bits_per_weight"])
