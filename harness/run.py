@@ -184,7 +184,7 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
         timings["calibration_data_s"] = time.perf_counter() - t0
         out = quantize_model(model, adapter, method, qcfg, calib, device,
                              true_sequential=cfg.quantizer.true_sequential, progress=progress,
-                             batch=cfg.calib.batch_size, keep_results=cfg.export != "none")
+                             batch=cfg.calib.batch_size, offload=cfg.calib.offload, keep_results=cfg.export != "none")
         modules = out.modules
         raised = [m for m in modules if m.get("damp_retries")]
         if raised and log is not None:  # never silent: the record keeps damp_percent_used per module

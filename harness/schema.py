@@ -45,6 +45,7 @@ class CalibConfig:
     seed: int = 0
     sampler: str = "auto"  # auto | document (paper code) | concat
     batch_size: int = 8  # rows per layer forward in the pipeline; speed only
+    offload: bool = False  # keep calibration activations in CPU memory (GPUs smaller than them); speed only
 
 
 @dataclass

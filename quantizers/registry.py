@@ -52,6 +52,9 @@ class Method:
     ``estimate``, when given, predicts the cost before a run: ``estimate(shapes, device_kind)`` with
     ``shapes`` the (out, in) of every linear, returning a dict with at least ``seconds`` and
     ``peak_bytes``.
+    ``shared``, when given, solves several weights that share one ``H`` (the linears fed by the same
+    input, e.g. q/k/v) as one problem: ``shared(Ws, H, cfg) -> [QuantResult]``, each result as
+    ``quantize(W, H, cfg)`` would return it (rows are independent).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Method:
     quantize: Callable[..., Any]
     needs_hessian: bool
     estimate: Callable[..., dict[str, Any]] | None = None
+    shared: Callable[..., list[Any]] | None = None
 
 
 QUANTIZERS: Registry[Method] = Registry("quantizer")

@@ -178,3 +178,65 @@ def test_a_broken_calibration_hessian_stops_the_run_naming_the_module():
     with pytest.raises(QuantizationError, match=r"model\.layers\.0\.mlp\.up_proj"):
         quantize_model(model, adapter_for(model), get("gptq"), GPTQConfig(bits=4), _calib(model, n=2, seqlen=8),
                        torch.device("cpu"), true_sequential=True, progress=False)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-gpt-neox"])
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_fast_path_gives_the_plain_path_results(name, true_sequential):
+    """Shared Hessians and solves, early-stopped Hessian passes: same codes as one module at a time."""
+    from quantizers import get
+    from quantizers.gptq import GPTQConfig
+
+    outs = {}
+    for fast in (False, True):
+        model = tiny_model(name).model
+        outs[fast] = quantize_model(model, adapter_for(model), get("gptq"), GPTQConfig(bits=3, group_size=16),
+                                    _calib(model, n=4, seqlen=16, seed=5), torch.device("cpu"),
+                                    true_sequential=true_sequential, progress=False, keep_results=True,
+                                    fast=fast, batch=2)
+    plain, fast = outs[False], outs[True]
+    assert [m["module"] for m in plain.modules] == [m["module"] for m in fast.modules]
+    equal = total = 0
+    for key, res in plain.results.items():
+        equal += int((res.codes == fast.results[key].codes).sum())
+        total += res.codes.numel()
+    assert equal / total >= 0.999
+    for a, b in zip(plain.modules, fast.modules, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-9)
+    if name == "tiny-llama":  # q/k/v and gate/up are fed one input each: one H, one solve
+        shared = {m["name"]: set(m.get("hessian_shared_with", [])) for m in fast.modules if m["layer"] == 0}
+        assert shared["self_attn.q_proj"] == {"self_attn.k_proj", "self_attn.v_proj"}
+        assert shared["mlp.up_proj"] == {"mlp.gate_proj"}
+        assert "self_attn.o_proj" not in {k for k, v in shared.items() if v}
+        assert not any("hessian_shared_with" in m for m in plain.modules)
+
+
+def test_offloaded_activations_give_the_same_model():
+    from quantizers import get
+    from quantizers.gptq import GPTQConfig
+
+    weights = []
+    for offload in (False, True):
+        model = tiny_model("tiny-llama").model
+        quantize_model(model, adapter_for(model), get("gptq"), GPTQConfig(bits=4), _calib(model, n=3, seqlen=16),
+                       torch.device("cpu"), progress=False, offload=offload)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.gpu
+def test_offload_on_the_gpu_keeps_activations_off_the_device_and_results_equal():
+    from quantizers import get
+    from quantizers.gptq import GPTQConfig
+
+    dev = torch.device("cuda")
+    res = {}
+    for offload in (False, True):
+        model = tiny_model("tiny-llama").model.half()
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = quantize_model(model, adapter_for(model), get("gptq"), GPTQConfig(bits=4),
+                             _calib(model, n=64, seqlen=256), dev, progress=False, offload=offload, batch=8)
+        res[offload] = (out, torch.cuda.max_memory_allocated(dev))
+    for a, b in zip(res[False][0].modules, res[True][0].modules, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert res[True][1] < res[False][1]
