@@ -1,9 +1,10 @@
-"""Benchmarks that print figures: ``python -m harness.bench quantize|eval [--smoke]``.
+"""Benchmarks that print figures: ``python -m harness.bench quantize|eval|kernels [--smoke]``.
 
 ``quantize``: a LLaMA-7B-shaped model with random weights (hidden 4096, intermediate 11008, 32 heads;
 ``--layers`` decoder layers), ``--nsamples`` × ``--seqlen`` random calibration tokens; seconds per
 decoder layer split into forward passes + Hessian accumulation and solver, and peak GPU memory, for
-RTN, GPTQ per-channel and GPTQ act-order + group 128.
+RTN, GPTQ per-channel and GPTQ act-order + group 128, each on the plain path, the fast path and the fast
+path with offloaded activations, with the codes' agreement and the loss ratio against the plain path.
 ``eval``: paper-protocol wikitext2 perplexity throughput of the same model against the floor
 2 · parameters · tokens at the bf16 matrix rate measured in the same run.
 ``--smoke`` shrinks everything to a seconds-long CPU run.
@@ -46,9 +47,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# The original GPTQ implementation (IST-DASLab/gptq), timed on the H200 on one LLaMA-7B-shaped layer with
+# 128 × 2048 random calibration activations: seconds per layer (forwards + Hessian, solver, total).
+ORIGINAL_H200 = {"gptq per-channel": (4.8, 10.7, 15.8), "gptq act-order g128": (3.3, 10.3, 13.8)}
+
+
+def _agreement(plain: Any, fast: Any) -> dict[str, float]:
+    """Share of equal codes and the ratio of summed solver losses, fast vs plain (same model, same data)."""
+    equal = total = 0
+    for key, res in plain.results.items():
+        equal += int((res.codes == fast.results[key].codes).sum())
+        total += res.codes.numel()
+    lp = sum(m.get("loss", 0.0) for m in plain.modules)
+    lf = sum(m.get("loss", 0.0) for m in fast.modules)
+    return {"codes equal %": 100.0 * equal / max(total, 1), "loss fast/plain": lf / lp if lp else float("nan")}
+
+
 def quantize_bench(layers: int, nsamples: int, seqlen: int, device: torch.device, smoke: bool,
-                   batch: int) -> list[dict[str, Any]]:
-    """Time the pipeline for each setting; returns one row per setting."""
+                   batch: int, paths: tuple[str, ...] = ("plain", "fast", "fast+offload")) -> list[dict[str, Any]]:
+    """Time the pipeline for each setting and path; returns one row per (setting, path).
+
+    ``plain``: one module at a time, float32 Hessian products, GPTQ's torch column loop. ``fast``:
+    shared Hessians and solves, early-stopped Hessian passes, tensor-core Hessian products and the
+    GPU kernel for the column loop where available. ``fast+offload``: the same with the calibration
+    activations in CPU memory. Codes and losses of every path are compared with ``plain``'s."""
     import quantizers
     from quantizers.gptq import GPTQConfig
     from quantizers.rtn import RTNConfig
@@ -58,33 +80,46 @@ def quantize_bench(layers: int, nsamples: int, seqlen: int, device: torch.device
     rows = []
     # warm-up: kernels, allocator and first-call costs stay out of the figures
     warm = build_model(1, smoke, device)
-    quantize_model(warm, adapter_for(warm), quantizers.get("gptq"), GPTQConfig(bits=4),
-                   torch.randint(0, warm.config.vocab_size, (2, min(seqlen, 64))), device, progress=False)
+    for fast in (False, True):
+        for qcfg in (GPTQConfig(bits=4), GPTQConfig(bits=4, group_size=128, desc_act=True)):
+            quantize_model(warm, adapter_for(warm), quantizers.get("gptq"), qcfg,
+                           torch.randint(0, warm.config.vocab_size, (2, min(seqlen, 64))), device, progress=False,
+                           fast=fast)
     del warm
     for name, qcfg in settings:
-        model = build_model(layers, smoke, device)
-        vocab = model.config.vocab_size
-        calib = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(1))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        out = quantize_model(model, adapter_for(model), quantizers.get(name.split()[0]), qcfg, calib, device,
-                             true_sequential=True, progress=False, batch=batch)
-        _sync(device)
-        total = time.perf_counter() - t0
-        rows.append({
-            "setting": name,
-            "fwd+hessian s/layer": out.timings["forward_hessian_s"] / layers,
-            "solver s/layer": out.timings["solver_s"] / layers,
-            "total s/layer": total / layers,
-            "peak GPU GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "loss sum": sum(m.get("loss", 0.0) for m in out.modules),
-            "output_rel_err mean": statistics.fmean(m.get("output_rel_err", m.get("weight_rel_err", 0.0))
-                                                    for m in out.modules),
-        })
-        del model, out
+        outs: dict[str, Any] = {}
+        for path in (("fast",) if name == "rtn" else paths):
+            model = build_model(layers, smoke, device)
+            vocab = model.config.vocab_size
+            calib = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(1))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            out = quantize_model(model, adapter_for(model), quantizers.get(name.split()[0]), qcfg, calib, device,
+                                 true_sequential=True, progress=False, batch=batch, keep_results=name != "rtn",
+                                 fast=path != "plain", offload=path.endswith("offload"))
+            _sync(device)
+            total = time.perf_counter() - t0
+            outs[path] = out
+            row = {
+                "setting": name,
+                "path": path,
+                "fwd+hessian s/layer": out.timings["forward_hessian_s"] / layers,
+                "solver s/layer": out.timings["solver_s"] / layers,
+                "total s/layer": total / layers,
+                "peak GPU GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                "loss sum": sum(m.get("loss", 0.0) for m in out.modules),
+            }
+            if "plain" in outs and path != "plain":
+                row.update(_agreement(outs["plain"], out))
+                row["speed-up vs plain"] = rows[-1 if path == "fast" else -2]["total s/layer"] / row["total s/layer"]
+            if name in ORIGINAL_H200 and not smoke:
+                row["speed-up vs original (H200)"] = ORIGINAL_H200[name][2] / row["total s/layer"]
+            rows.append(row)
+            del model
+        del outs
     return rows
 
 
@@ -136,9 +171,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:  # the packed-weight kernels: harness/bench_kernels.py
+        from harness import bench_kernels
+
+        return bench_kernels.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["quantize", "eval"])
+    parser.add_argument("what", choices=["quantize", "eval", "kernels"])
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, for a quick check")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 2; smoke 2)")
     parser.add_argument("--nsamples", type=int, default=None, help="calibration rows (default 128; smoke 8)")

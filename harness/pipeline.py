@@ -7,6 +7,7 @@ outputs with them, move it back. Only one decoder layer is on the device at a ti
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,7 +212,9 @@ def _solve(method: Method, qcfg: Any, Ws: list[torch.Tensor], H: torch.Tensor | 
     if shared and len(Ws) > 1 and method.shared is not None:
         results = list(method.shared(Ws, H, qcfg))
     else:
-        results = [method.quantize(W, H, qcfg) for W in Ws]
+        # the plain path is the plain solver too (e.g. GPTQ's torch column loop, not its GPU kernel)
+        kw = {} if shared or "kernel" not in inspect.signature(method.quantize).parameters else {"kernel": "torch"}
+        results = [method.quantize(W, H, qcfg, **kw) for W in Ws]
     _sync(device)
     return results, time.perf_counter() - t0
 

@@ -13,8 +13,14 @@ def test_quantize_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "gptq act-order g128" in out and "solver s/layer" in out
     rows = json.loads((tmp_path / "q.json").read_text())["result"]
-    assert [r["setting"] for r in rows] == ["rtn", "gptq per-channel", "gptq act-order g128"]
+    assert [(r["setting"], r["path"]) for r in rows] == [
+        ("rtn", "fast"), ("gptq per-channel", "plain"), ("gptq per-channel", "fast"),
+        ("gptq per-channel", "fast+offload"), ("gptq act-order g128", "plain"), ("gptq act-order g128", "fast"),
+        ("gptq act-order g128", "fast+offload")]
     assert all(r["total s/layer"] > 0 for r in rows)
+    for r in rows:
+        if r["path"].startswith("fast") and r["setting"] != "rtn":  # same model, same data: same result
+            assert r["codes equal %"] >= 99.9 and abs(r["loss fast/plain"] - 1) < 1e-3
 
 
 @requires_data
