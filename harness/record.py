@@ -25,8 +25,9 @@ PAPER_EVAL_SEQLEN = 2048
 def relevant_config(cfg: Any, dtype: str) -> dict[str, Any]:
     """The part of the resolved config that can change a result; its hash identifies the run.
 
-    Labels, output paths, the device, batch sizes and loggers are left out; calibration is left
-    out for methods that use none; quantizer fields a method does not read are left out.
+    Labels, output paths, the device, batch sizes, loggers and speed knobs (``kernel``, the
+    ``eval.latency*`` fields) are left out; calibration is left out for methods that use none;
+    quantizer fields a method does not read are left out.
     """
     q = cfg.quantizer
     quant: dict[str, Any] = {"method": q.method}
@@ -47,6 +48,8 @@ def relevant_config(cfg: Any, dtype: str) -> dict[str, Any]:
         out["eval"].update(tasks=reported_names(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit)
     if cfg.get("export", "none") != "none":  # the packed model (float16 scales) evaluates a hair differently
         out["export"] = cfg.export
+    elif cfg.get("pack", False):  # the same packed model, no checkpoint (export=gptq implies it)
+        out["pack"] = True
     if uses_calibration(q.method):
         c = cfg.calib
         out["calib"] = {"dataset": c.dataset, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,

@@ -2,7 +2,9 @@
 
 :func:`validate` checks everything that can be checked before a model loads; :func:`execute`
 does the work and returns the record (the CLI stores and prints it; the only file it writes is the
-checkpoint that ``export=gptq`` asks for)."""
+checkpoint that ``export=gptq`` asks for). ``pack=true`` (implied by ``export=gptq``) evaluates the
+packed model (:class:`~quantizers.qlinear.QuantLinear`, run by the ``kernel`` backend) instead of
+the fake-quantized one; ``eval.latency=true`` adds its speed (:mod:`harness.latency`)."""
 from __future__ import annotations
 
 import random
@@ -16,16 +18,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import quantizers
-from harness import data, zeroshot
+from harness import data, latency, zeroshot
 from harness.adapters import adapter_for
 from harness.errors import UserError
 from harness.export import footprint, footprint_of_shapes, is_gptq_checkpoint, replace_linears, save_gptq_checkpoint
+from harness.kernels import resolve_kernel, set_kernel, validate_kernel
 from harness.models import load_model, resolve_dtype, resolve_path
 from harness.perplexity import perplexity
 from harness.pipeline import quantize_model
 from harness.record import config_hash, environment, new_record, peak_memory, protocol_label, relevant_config
-from harness.schema import FP16, method_config, unused_fields
+from harness.schema import FP16, method_config, method_fields, unused_fields
 from quantizers import QuantConfigError
+from quantizers.pack import SUPPORTED_BITS
 from quantizers.registry import RegistryError
 
 
@@ -77,6 +81,7 @@ def validate(cfg: DictConfig) -> Any:
     if cfg.eval.max_windows is not None and cfg.eval.max_windows < 1:
         raise UserError("eval.max_windows", f"{cfg.eval.max_windows} is not positive",
                         "use null (all) or a positive count")
+    validate_latency(cfg.eval)
     # lm-eval task names, checked now: offline against the local tasks (no lm-eval import), online
     # against lm-eval's registry.
     zeroshot.validate(list(cfg.eval.tasks), cfg.eval.num_fewshot, cfg.eval.limit)
@@ -84,9 +89,20 @@ def validate(cfg: DictConfig) -> Any:
         raise UserError("export", f"unknown export {cfg.export!r}", "use none or gptq")
     if cfg.export == "gptq" and q.method == FP16:
         raise UserError("export", "export=gptq needs a quantizer", "set quantizer=gptq|rtn|obq or export=none")
-    if cfg.export == "gptq" and q.bits not in (2, 3, 4, 8):
+    if cfg.export == "gptq" and q.bits not in SUPPORTED_BITS:
         raise UserError("quantizer.bits", f"the GPTQ format has no {q.bits}-bit layout",
                         "use bits 2, 3, 4 or 8, or export=none")
+    if cfg.pack:
+        if q.method == FP16:
+            raise UserError("pack", "pack=true needs a quantizer (fp16 has no integer codes to pack)",
+                            "set quantizer=rtn|gptq|obq, or pack=false (a GPTQ checkpoint loads packed anyway)")
+        if "bits" not in method_fields(q.method):
+            raise UserError("pack", f"method {q.method!r} has no bit width the packed format could hold",
+                            "use pack=false")
+        if q.bits not in SUPPORTED_BITS:
+            raise UserError("pack", f"the packed (GPTQ) format has no {q.bits}-bit layout",
+                            f"use quantizer.bits in {', '.join(map(str, SUPPORTED_BITS))}, or pack=false")
+    validate_kernel(cfg.kernel)
     if q.method != FP16 and cfg.model.path != "tiny" and is_gptq_checkpoint(resolve_path(cfg.model.path)):
         raise UserError("quantizer.method", "model.path is a GPTQ checkpoint (already quantized)",
                         "use quantizer=fp16 to evaluate it")
@@ -96,6 +112,36 @@ def validate(cfg: DictConfig) -> Any:
         return method_config(q).validate()
     except QuantConfigError as exc:
         raise UserError(f"quantizer.{exc.key}", exc.message, exc.fix) from None
+
+
+def validate_latency(e: DictConfig) -> None:
+    """The ``eval.latency*`` fields: positive sizes, at least one decode batch size."""
+    if not e.latency:
+        return
+    for key in ("latency_prefill", "latency_prompt", "latency_decode_tokens", "latency_repeats"):
+        if e[key] < 1:
+            raise UserError(f"eval.{key}", f"{e[key]} is not positive", "use a positive integer")
+    if e.latency_warmup < 0:
+        raise UserError("eval.latency_warmup", f"{e.latency_warmup} is negative", "use 0 or more")
+    if not e.latency_batch_sizes or any(b < 1 for b in e.latency_batch_sizes):
+        raise UserError("eval.latency_batch_sizes", f"{list(e.latency_batch_sizes)} is not a list of positive sizes",
+                        "use e.g. eval.latency_batch_sizes=[1,16]")
+
+
+def check_latency_fits(e: DictConfig, model: torch.nn.Module) -> None:
+    """Refuse latency lengths beyond the model's context (known only once the model is loaded)."""
+    if not e.latency:
+        return
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is None:
+        return
+    if e.latency_prefill > limit:
+        raise UserError("eval.latency_prefill", f"{e.latency_prefill} tokens exceed the model's context of {limit}",
+                        f"use eval.latency_prefill={limit} or less")
+    if e.latency_prompt + e.latency_decode_tokens > limit:
+        raise UserError("eval.latency_decode_tokens",
+                        f"a prompt of {e.latency_prompt} + {e.latency_decode_tokens} decode steps exceed the model's "
+                        f"context of {limit}", "shorten eval.latency_prompt or eval.latency_decode_tokens")
 
 
 def apply_runtime(cfg: DictConfig) -> None:
@@ -155,6 +201,8 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
     model, tok = loaded.model, loaded.tokenizer
     adapter = adapter_for(model)
     timings["load_s"] = time.perf_counter() - t0
+    check_latency_fits(cfg.eval, model)
+    packing = bool(cfg.pack) or cfg.export == "gptq"  # export=gptq evaluates what it wrote: packed
 
     provenance: dict[str, Any] = {"eval": {}}
     modules: list[dict[str, Any]] = []
@@ -167,14 +215,15 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
             if log is not None:
                 log(f"{method.name}: estimated {estimate['minutes']:.1f} min of quantization on {device.type} "
                     f"({estimate['flops']:.2e} FLOP); limit quantizer.max_minutes={cfg.quantizer.max_minutes}")
-        if cfg.export == "gptq":  # a shape the format cannot hold fails now, not after the solver
+        if packing:  # a shape the format cannot hold fails now, not after the solver
             from quantizers.pack import check_packable
 
+            key, off = ("export", "none") if cfg.export == "gptq" else ("pack", "false")
             for o, i in linear_shapes(model, adapter):
                 try:
                     check_packable(qcfg.bits, i, o)
                 except ValueError as exc:
-                    raise UserError("export", str(exc), "use export=none or other bits") from None
+                    raise UserError(key, str(exc), f"use {key}={off} or other bits") from None
         calib = None
         t0 = time.perf_counter()
         if method.needs_hessian:
@@ -184,7 +233,7 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
         timings["calibration_data_s"] = time.perf_counter() - t0
         out = quantize_model(model, adapter, method, qcfg, calib, device,
                              true_sequential=cfg.quantizer.true_sequential, progress=progress,
-                             batch=cfg.calib.batch_size, offload=cfg.calib.offload, keep_results=cfg.export != "none")
+                             batch=cfg.calib.batch_size, offload=cfg.calib.offload, keep_results=packing)
         modules = out.modules
         raised = [m for m in modules if m.get("damp_retries")]
         if raised and log is not None:  # never silent: the record keeps damp_percent_used per module
@@ -193,20 +242,26 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
                 f"damping was raised (up to {worst['damp_percent_used']:.3g} for {worst['module']})")
         timings.update({"quantize_s": out.timings["total_s"], "forward_hessian_s": out.timings["forward_hessian_s"],
                         "solver_s": out.timings["solver_s"]})
-        if cfg.export == "gptq":
+        if packing:
             t1 = time.perf_counter()
-            if run_dir is not None:
+            if cfg.export == "gptq" and run_dir is not None:
                 info = save_gptq_checkpoint(model, tok, out.results, qcfg, Path(run_dir) / "checkpoint",
                                             true_sequential=cfg.quantizer.true_sequential,
                                             meta={"method": cfg.quantizer.method, "config_hash": config_hash(relevant)})
                 provenance["export"] = {k: info[k] for k in ("path", "bytes", "tensors", "v1_wrapped_zeros")}
-            replace_linears(model, adapter, out.results, group_size=qcfg.group_size)  # evaluate what was exported
+            replace_linears(model, adapter, out.results, group_size=qcfg.group_size)  # evaluate what is stored
             out.results.clear()
-            timings["export_s"] = time.perf_counter() - t1
+            timings["export_s" if cfg.export == "gptq" else "pack_s"] = time.perf_counter() - t1
 
     from quantizers.qlinear import QuantLinear, kernel_paths
 
     packed = any(isinstance(m, QuantLinear) for m in model.modules())
+    kernel = resolve_kernel(cfg.kernel, device)
+    if packed:
+        set_kernel(model, kernel)
+    elif cfg.kernel != "auto" and log is not None:
+        log(f"note: kernel={cfg.kernel} has no effect: the model has no packed linears (pack=true packs them)")
+    provenance["kernel"] = kernel if packed else None
     if packed:
         weights = footprint(model)  # a packed run, or a loaded GPTQ checkpoint
     else:
@@ -216,7 +271,12 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
     provenance["kernel_paths"] = kernel_paths(model)
 
     t0 = time.perf_counter()
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
+    gpu_peak_before_eval = 0
+    if device.type == "cuda":  # the evaluation's own peak: weights as stored + activations (+ KV cache)
+        torch.cuda.synchronize(device)
+        gpu_peak_before_eval = int(torch.cuda.max_memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
     for ds in cfg.eval.datasets:
         tokens, provenance["eval"][ds] = data.eval_tokens(tok, ds, cfg.eval.seqlen, cache_dir)
@@ -230,7 +290,19 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
             batch_size=cfg.eval.batch_size, work_dir=Path(run_dir) / "lm_eval" if run_dir else None)
         metrics.update(zs_metrics)
         timings["zeroshot_s"] = time.perf_counter() - t1
+    if cfg.eval.latency:
+        t1 = time.perf_counter()
+        e = cfg.eval
+        metrics.update(latency.measure(model, device, prefill_tokens=e.latency_prefill, prompt=e.latency_prompt,
+                                       decode_tokens=e.latency_decode_tokens, batch_sizes=list(e.latency_batch_sizes),
+                                       repeats=e.latency_repeats, warmup=e.latency_warmup, seed=cfg.seed))
+        metrics["latency/kernel"] = provenance["kernel"] or latency.DENSE
+        timings["latency_s"] = time.perf_counter() - t1
     timings["evaluate_s"] = time.perf_counter() - t0
+    memory: dict[str, Any] = {**peak_memory(device), "eval_peak_bytes": None}  # None: no GPU to measure on
+    if device.type == "cuda":
+        memory["eval_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        memory["gpu_max_allocated_bytes"] = max(gpu_peak_before_eval, memory["eval_peak_bytes"])  # the whole run
     timings["total_s"] = time.perf_counter() - t_all
 
     return new_record(
@@ -248,7 +320,7 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
         data=provenance,
         metrics=metrics,
         timings=timings,
-        memory={**peak_memory(device), "weight_bytes": weights["weight_bytes_quantized"],
+        memory={**memory, "weight_bytes": weights["weight_bytes_quantized"],
                 "weight_bytes_fp16": weights["weight_bytes_fp16_equivalent"],
                 "bits_per_weight": weights["bits_per_weight"]},
         modules=modules,

@@ -57,6 +57,15 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)  # lm-eval tasks (harness/zeroshot.py); [] = none
     num_fewshot: int | None = None  # null = each task's default (0 for the six of eval=lm_eval)
     limit: float | None = None  # null = every item; < 1 a fraction, >= 1 a count per task (lm-eval's --limit)
+    # Speed of the model as evaluated (harness/latency.py): prefill tokens/s at batch 1 and decode ms/token
+    # with a KV cache at each batch size, medians over repeats after warm-up. Speed only: not in the hash.
+    latency: bool = False
+    latency_prefill: int = 2048  # prompt tokens of the prefill measurement (batch 1)
+    latency_prompt: int = 128  # prompt tokens before the decode steps
+    latency_decode_tokens: int = 128  # decode steps, one token per sequence each
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 16])  # decode batch sizes
+    latency_repeats: int = 5  # timed repeats of each measurement (the median is reported)
+    latency_warmup: int = 1  # untimed repeats first (allocator, kernel compilation and autotuning)
 
 
 @dataclass
@@ -165,6 +174,8 @@ class RunConfig:
     print_table: bool = True
     slots: SlotsConfig = field(default_factory=SlotsConfig)
     export: str = "none"  # none | gptq: write <run dir>/checkpoint/ (GPTQ layout) and evaluate the packed model
+    pack: bool = False  # evaluate the packed model (QuantLinear, float16 scales) without writing a checkpoint
+    kernel: str = "auto"  # QuantLinear backend of packed linears: auto (triton on a GPU if available, else torch)
     force: bool = False  # in a sweep, rerun configurations already recorded in the results store
 
 
