@@ -1,0 +1,1 @@
+"""Triton kernels for the quantizers (each also runs on the CPU under ``TRITON_INTERPRET=1``)."""
