@@ -268,7 +268,7 @@ def _solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, kernel: str):
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=dev)  # processed order
     loss_rows = torch.zeros(rows, device=dev)  # Σ (w − q)² / d² of every row
-    bs = min(cfg.block_size, TRITON_MAX_BLOCK) if fast else cfg.block_size
+    bs = min(cfg.block_size, TRITON_MAX_BLOCK) if fast is not None else cfg.block_size
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         count = i2 - i1
