@@ -9,8 +9,9 @@ How the product is computed is the kernel layer, picked by ``backend`` from :dat
   With ``cache_weight`` (default) the weight is built once, on first use, and kept (``path =
   "torch-dequant-cached"``: fast, but it holds the full float weight, so memory is not the packed
   size); without it the weight is rebuilt on every call and dropped (``path = "torch-dequant"``).
-* a fused GPU kernel (Triton) registers itself later under its own name with
-  :func:`register_backend`; nothing here changes.
+* a fused GPU kernel (Triton, ``quantizers/kernels/triton_gemm.py``) registers itself under its own
+  name with :func:`register_backend` when its module is imported; layouts it derives from the buffers
+  live in ``_prepared`` and are dropped with the cached weight.
 
 ``path`` names what actually ran, so every latency can be recorded with the kernel that produced it.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(shapes["g_idx"], dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self._weight: torch.Tensor | None = None  # the torch path's cached (out, in) float weight
+        self._prepared: dict[str, Any] = {}  # other backends' layouts derived from the buffers, by backend name
         self.backend = backend
 
     @property
@@ -118,17 +121,18 @@ class QuantLinear(nn.Module):
 
     def reset_cache(self) -> None:
         self._weight = None
+        self._prepared = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return BACKENDS[self._backend].fn(self, x)
 
-    # Buffers replaced or moved (load_state_dict, .to(), .half()) invalidate the cached weight.
+    # Buffers replaced or moved (load_state_dict, .to(), .half()) invalidate the cached weight and layouts.
     def _apply(self, fn, recurse: bool = True):
-        self._weight = None
+        self.reset_cache()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._weight = None
+        self.reset_cache()
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

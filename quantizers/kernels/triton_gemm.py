@@ -1,0 +1,498 @@
+"""``y = x Wᵀ (+ b)`` with ``W`` GPTQ-packed (2, 3, 4, 8 bits), dequantized on the fly inside the product.
+
+Importing this module registers the ``"triton"`` backend of :class:`~quantizers.qlinear.QuantLinear`.
+
+**Runtime layout** (:class:`Runtime`, built once per module by :func:`prepare`, the checkpoint layout
+stays the export format):
+
+* codes: the GPTQ ``qweight`` stream itself, packed along ``in`` (2/4/8 bits: 16/8/4 whole codes per
+  int32; 3 bits: 32 codes in 3 words, codes 10 and 21 straddling), in *sorted-group* order. Without
+  act-order ``g_idx`` is already sorted and the module's own ``qweight`` is used, no copy.
+* act-order: ``perm = argsort(g_idx, stable)``; the code rows are repacked in that order and the kernel
+  reads ``x[:, perm[k]]`` instead of ``x[:, k]``: the same sum, but every group is a contiguous run of
+  ``k``, so a tile of ``k`` needs one scale and one zero per column instead of one per element.
+* ``scales`` (G, out) float16: the module's buffer. ``zeros`` (G, out) uint8: unpacked once (v1's
+  ``zero − 1`` convention undone).
+
+**Dequantization**: ``(code | 0x4B000000)`` read as a float32 is ``2²³ + code`` exactly, so
+``f − (2²³ + zero)`` gives ``code − zero`` with one integer op and one float subtraction (no slow
+int→float conversion). With one group per tile the scale is applied once per packed word (GEMV) or
+once per tile (GEMM): ``Σ_k x_k s (q_k − z) = s Σ_k x_k (q_k − z)``. Accumulation is float32; the
+output has ``x``'s dtype.
+
+**Kernels** (picked by the row count ``M`` of ``x``):
+
+* ``gemv`` (``M ≤ GEMV_MAX_M``): one row of ``x`` per program, CUDA-core FMAs on a (words, columns)
+  tile, split-K over enough programs to fill the GPU.
+* ``gemm`` (larger ``M``): (BM, BK) × (BK, BN) ``tl.dot`` tiles on tensor cores, the (BK, BN) weight
+  tile dequantized in registers, optional split-K.
+
+Split-K partial sums meet in a float32 workspace by atomic adds; the last program of a tile (an
+atomic counter says which) reads the sum back, zeroing the workspace and the counter as it goes,
+and writes the output, so one launch does everything and the workspace stays zero between launches.
+One workspace per (device, stream).
+
+Both kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before Triton is
+imported); there ``tl.dot`` takes float32 operands (the interpreter has no bfloat16 matmul).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from quantizers.pack import unpack_rows
+from quantizers.qlinear import Backend, QuantLinear, register_backend
+
+BLOCKS = {2: (16, 1), 3: (32, 3), 4: (8, 1), 8: (4, 1)}  # bits → (codes, int32 words) of one packed block
+MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC | q) reads as 2**23 + q
+TWO23: tl.constexpr = tl.constexpr(8388608.0)
+GEMV_MAX_M = 2  # rows of x up to which the GEMV kernel runs; the tl.dot kernel above
+PATHS = {"gemv": "triton-gemv-splitk", "gemm": "triton-gemm"}
+
+
+def interpreted() -> bool:
+    """Whether the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return not isinstance(_gemv_kernel, triton.runtime.JITFunction)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels can take tensors on ``device``: compiled, a CUDA GPU; interpreted, any."""
+    return interpreted() or device.type == "cuda"
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile_codes(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
+    """Code ``j`` of every packed block of a tile: ``w0..w2`` (blocks, BN) uint32 hold the block's
+    words (``w1``, ``w2`` only for 3 bits). Returns (blocks, BN) float32 ``2²³ + code``."""
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    bit: tl.constexpr = BITS * j
+    word: tl.constexpr = bit // 32
+    shift: tl.constexpr = bit % 32
+    if word == 0:
+        lo = w0
+    elif word == 1:
+        lo = w1
+    else:
+        lo = w2
+    c = lo >> shift
+    if shift + BITS > 32:  # 3 bits: codes 10 and 21 continue in the next word
+        if word == 0:
+            c = c | (w1 << (32 - shift))
+        else:
+            c = c | (w2 << (32 - shift))
+    if shift + BITS != 32:  # the top code of a word has nothing above it
+        c = c & MAXQ
+    return (c | MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_words(ptrs, mask, UNMASKED: tl.constexpr):
+    """A tile of packed words as uint32, read once (streamed past the cache)."""
+    if UNMASKED:
+        w = tl.load(ptrs, eviction_policy="evict_first")
+    else:
+        w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    return w.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _finish(acc, y_ptrs, ws_ptrs, wsi_ptrs, cnt_ptr, mask, bias, SPLIT: tl.constexpr):
+    """Write ``acc + bias`` to ``y_ptrs``; with ``SPLIT`` add ``acc`` into the workspace (``ws_ptrs``
+    float32, ``wsi_ptrs`` the same words as int32) instead and let the last of the K-split programs of
+    this tile (counted on ``cnt_ptr``) write the total."""
+    if SPLIT:
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's add is issued before the counter moves
+        done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        last = done == tl.num_programs(1) - 1
+        total = tl.atomic_xchg(wsi_ptrs, tl.zeros_like(acc).to(tl.int32), mask=mask & last, sem="relaxed")
+        acc = tl.where(mask & last, total.to(tl.float32, bitcast=True), 0.0)  # read and re-zeroed in one step
+        tl.atomic_xchg(cnt_ptr, 0, mask=last)
+        mask = mask & last
+    tl.store(y_ptrs, (acc + bias).to(y_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(
+    X, stride_xm, stride_xk,  # (M, K) activations
+    QW,  # (K·bits/32 rounded up to whole blocks, N) int32 packed codes, sorted-group order
+    S, Z,  # (G, N) float16 scales, uint8 zeros
+    PERM,  # (K,) int32 column of x for each sorted k (HAS_PERM)
+    GIDX,  # (K,) int32 group of each sorted k (PER_ELEMENT)
+    BIAS,  # (N,) (HAS_BIAS)
+    Y, stride_ym, stride_yn,  # (M, N) output
+    WS, WSI, CNT,  # split-K workspace (M, N) float32 (and as int32) and counters (M · N tiles) int32, zero on entry
+    N, K, group_size, tiles_per_split,
+    BITS: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    SPLIT: tl.constexpr, PER_ELEMENT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    """One row ``m`` of ``x`` × a (K range, BN) slice of ``W``: program (n tile, k split, m)."""
+    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    BK: tl.constexpr = BB * PER  # codes of k per tile
+    offs_n = pid_n * BN + tl.arange(0, BN)  # (BN,)
+    n_ok = offs_n < N
+    offs_b = tl.arange(0, BB)  # (BB,) packed blocks of the tile
+    x_row = X + m * stride_xm
+    n_tiles = tl.cdiv(K, BK)
+    t0 = pid_k * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    acc = tl.zeros((BB, BN), dtype=tl.float32)
+    for t in range(t0, t1):
+        blk = t * BB + offs_b  # (BB,)
+        w_ptrs = QW + (blk * WORDS)[:, None] * N + offs_n[None, :]  # (BB, BN) first word of each block
+        w_mask = ((blk * PER) < K)[:, None] & n_ok[None, :]
+        w0 = _load_words(w_ptrs, w_mask, EVEN_K and EVEN_N)
+        w1 = w0
+        w2 = w0
+        if WORDS == 3:
+            w1 = _load_words(w_ptrs + N, w_mask, EVEN_K and EVEN_N)
+            w2 = _load_words(w_ptrs + 2 * N, w_mask, EVEN_K and EVEN_N)
+        if not PER_ELEMENT:  # the tile lies in one group: one scale and zero per column
+            g = (t * BK) // group_size
+            s = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
+            cz = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32) + TWO23  # (BN,) 2²³ + zero
+        part = tl.zeros((BB, BN), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            k = t * BK + offs_b * PER + j  # (BB,) sorted k of code j of each block
+            k_ok = k < K
+            if HAS_PERM:
+                xk = tl.load(PERM + k, mask=k_ok, other=0)
+            else:
+                xk = k
+            xj = tl.load(x_row + xk * stride_xk, mask=k_ok, other=0.0).to(tl.float32)  # (BB,)
+            f = _tile_codes(w0, w1, w2, j, BITS)  # (BB, BN) 2²³ + code
+            if PER_ELEMENT:  # groups change inside the tile: scale and zero of every element
+                ge = tl.load(GIDX + k, mask=k_ok, other=0)
+                sz_ptrs = ge[:, None] * N + offs_n[None, :]
+                se = tl.load(S + sz_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                ze = tl.load(Z + sz_ptrs, mask=n_ok[None, :], other=0).to(tl.float32) + TWO23
+                part += xj[:, None] * ((f - ze) * se)
+            else:
+                part += xj[:, None] * (f - cz[None, :])  # code − zero is exact
+        if PER_ELEMENT:
+            acc += part
+        else:
+            acc += part * s[None, :]  # one multiply per packed word
+    y = tl.sum(acc, axis=0)  # (BN,)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    _finish(y, Y + m * stride_ym + offs_n * stride_yn, WS + m * N + offs_n, WSI + m * N + offs_n,
+            CNT + m * tl.num_programs(0) + pid_n, n_ok, bias, SPLIT)
+
+
+@triton.jit
+def _gemm_kernel(
+    X, stride_xm, stride_xk, QW, S, Z, PERM, GIDX, BIAS, Y, stride_ym, stride_yn, WS, WSI, CNT,
+    M, N, K, group_size, tiles_per_split,
+    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SPLIT: tl.constexpr, PER_ELEMENT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """A (BM, BN) tile of ``y`` over a K range: program (n tile, k split, m tile). Arguments as
+    :func:`_gemv_kernel`; ``DOT_F32``: float32 operands (interpreter, or float32 ``x``)."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BK)
+    n_tiles = tl.cdiv(K, BK)
+    t0 = pid_k * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in range(t0, t1):
+        k = t * BK + offs_k  # (BK,) sorted k
+        k_ok = k < K
+        if HAS_PERM:
+            xk = tl.load(PERM + k, mask=k_ok, other=0)
+        else:
+            xk = k
+        x = tl.load(X + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+        # code of row k: bits [BITS·k, BITS·k + BITS) of the column's bit stream
+        bit = k * BITS
+        row = bit // 32
+        shift = (bit % 32).to(tl.uint32)
+        wk_mask = k_ok[:, None] & n_ok[None, :]
+        w_ptrs = QW + row[:, None] * N + offs_n[None, :]  # (BK, BN): each word read for each of its codes
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
+        else:
+            w = tl.load(w_ptrs, mask=wk_mask, other=0).to(tl.uint32, bitcast=True)
+        c = w >> shift[:, None]  # (BK, BN)
+        if BITS == 3:  # codes 10 and 21 of each 32 continue in the next word
+            straddle = shift > 29
+            hi = tl.load(QW + (row + 1)[:, None] * N + offs_n[None, :], mask=wk_mask & straddle[:, None],
+                         other=0).to(tl.uint32, bitcast=True)
+            c = c | tl.where(straddle[:, None], hi << ((32 - shift) % 32)[:, None], 0)
+        f = ((c & MAXQ) | MAGIC).to(tl.float32, bitcast=True)  # 2²³ + code
+        if PER_ELEMENT:
+            ge = tl.load(GIDX + k, mask=k_ok, other=0)
+            sz_ptrs = ge[:, None] * N + offs_n[None, :]
+            se = tl.load(S + sz_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)
+            ze = tl.load(Z + sz_ptrs, mask=n_ok[None, :], other=0).to(tl.float32) + TWO23
+            wq = (f - ze) * se  # (BK, BN) dequantized weight
+        else:
+            g = (t * BK) // group_size
+            cz = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32) + TWO23
+            wq = f - cz[None, :]  # code − zero, exact in 16 bits too (|·| ≤ 255)
+        if DOT_F32:
+            d = tl.dot(x.to(tl.float32), wq, input_precision="ieee")
+        else:
+            d = tl.dot(x, wq.to(x.dtype))
+        if PER_ELEMENT:
+            acc += d
+        else:
+            s = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            acc += d * s[None, :]
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias = 0.0
+    _finish(acc, Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+            WS + offs_m[:, None] * N + offs_n[None, :], WSI + offs_m[:, None] * N + offs_n[None, :],
+            CNT + pid_m * tl.num_programs(0) + pid_n,
+            m_ok[:, None] & n_ok[None, :], bias, SPLIT)
+
+
+# ------------------------------------------------------------------------------------------ runtime layout
+
+
+@dataclass
+class Runtime:
+    """What the kernels read for one packed linear of ``K`` inputs and ``N`` outputs (see module doc).
+
+    ``qweight`` (K·bits/32, N) int32 in sorted-group order; ``scales`` (G, N) float16; ``zeros`` (G, N)
+    uint8; ``perm`` (K,) int32 column of ``x`` for each sorted ``k`` (None: identity); ``g_sorted``
+    (K,) int32 group of each sorted ``k``; ``group_size``: groups are ``k // group_size`` in sorted
+    order (None when they are not that regular; one group: ``K``). ``path``: the kernel that ran last.
+    """
+
+    bits: int
+    K: int
+    N: int
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    perm: torch.Tensor | None
+    g_sorted: torch.Tensor
+    group_size: int | None
+    key: tuple = ()
+    path: str = "triton"
+
+
+def _buffers_key(m: QuantLinear) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.device) for t in (m.qweight, m.qzeros, m.scales, m.g_idx))
+
+
+def regular_group_size(g_sorted: torch.Tensor, n_groups: int) -> int | None:
+    """``gs`` such that ``g_sorted == arange(K) // gs`` (``K`` for one group), else None."""
+    K = g_sorted.numel()
+    if n_groups == 1:
+        return K if bool((g_sorted == 0).all()) else None
+    gs = int((g_sorted == 0).sum())
+    if gs == 0:
+        return None
+    ref = torch.arange(K, device=g_sorted.device) // gs
+    return gs if torch.equal(g_sorted.long(), ref) and -(-K // gs) == n_groups else None
+
+
+def prepare(m: QuantLinear) -> Runtime:
+    """Build the runtime layout of ``m`` on its buffers' device (a copy of the codes only with act-order)."""
+    bits, K, N = m.bits, m.in_features, m.out_features
+    maxq = (1 << bits) - 1
+    g_idx = m.g_idx.long()
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= m.n_groups):
+        raise ValueError(f"g_idx must lie in [0, {m.n_groups})")
+    perm = torch.argsort(g_idx, stable=True)
+    if bool((perm == torch.arange(K, device=perm.device)).all()):
+        qweight, perm_t = m.qweight.contiguous(), None
+    else:  # act-order: repack the code rows in sorted-group order
+        from quantizers.pack import pack_rows
+
+        qweight = pack_rows(unpack_rows(m.qweight, bits, K)[perm], bits)
+        perm_t = perm.to(torch.int32)
+    stored = unpack_rows(m.qzeros.t().contiguous(), bits, N)  # (N, G)
+    zeros = (stored + 1) & maxq if m.checkpoint_format == "gptq" else stored
+    g_sorted = g_idx[perm].to(torch.int32).contiguous()
+    return Runtime(bits=bits, K=K, N=N, qweight=qweight, scales=m.scales.contiguous(),
+                   zeros=zeros.t().to(torch.uint8).contiguous(), perm=perm_t, g_sorted=g_sorted,
+                   group_size=regular_group_size(g_sorted, m.n_groups), key=_buffers_key(m))
+
+
+def runtime_of(m: QuantLinear) -> Runtime:
+    """``m``'s runtime layout, built on first use and rebuilt when its buffers change."""
+    cache = m.__dict__.setdefault("_prepared", {})
+    rt = cache.get("triton")
+    if rt is None or rt.key != _buffers_key(m):
+        rt = cache["triton"] = prepare(m)
+    return rt
+
+
+def unpack_runtime(rt: Runtime) -> torch.Tensor:
+    """The (N, K) float32 weight the kernels multiply with, in the *original* column order (a check)."""
+    codes = unpack_rows(rt.qweight, rt.bits, rt.K).float()  # (K, N) sorted order
+    g = rt.g_sorted.long()
+    w_sorted = rt.scales.float()[g] * (codes - rt.zeros.float()[g])  # (K, N)
+    w = torch.empty_like(w_sorted)
+    w[rt.perm.long() if rt.perm is not None else slice(None)] = w_sorted
+    return w.t().contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ launch
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters. ``kernel`` "gemv" or "gemm"; ``bn`` columns and ``bk`` codes of ``k`` per tile
+    (powers of two, ``bk`` a multiple of the packed block: 16/32/8/4 codes at 2/3/4/8 bits, ≥ 16 for
+    gemm); ``bm`` rows per gemm tile (≥ 16); ``split``: K splits (0: enough for ``waves`` programs per
+    SM); ``num_warps``, ``num_stages`` as Triton's."""
+
+    kernel: str = "gemv"
+    bn: int = 128
+    bk: int = 128
+    bm: int = 1
+    split: int = 0
+    waves: int = 4
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def name(self) -> str:
+        split = f"s{self.split}" if self.split else f"w{self.waves}"
+        bm = f"m{self.bm}" if self.kernel == "gemm" else ""
+        return f"{self.kernel}:{bm}n{self.bn}k{self.bk}{split}x{self.num_warps}/{self.num_stages}"
+
+
+def default_config(M: int, bits: int) -> Config:
+    """The hand-picked table: GEMV up to ``GEMV_MAX_M`` rows, else tl.dot tiles sized by ``M``."""
+    if M <= GEMV_MAX_M:
+        return Config("gemv", bn=128, bk=128, num_warps=4, num_stages=2)
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    if bm <= 64:
+        return Config("gemm", bm=bm, bn=64, bk=128, num_warps=4, num_stages=2)
+    return Config("gemm", bm=128, bn=128, bk=64, split=1, num_warps=8, num_stages=3)
+
+
+_SM_COUNT: dict[int, int] = {}
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so that split-K is exercised
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 (≥ numel,) and int32 (≥ counters,) scratch for split-K on ``device``'s current
+    stream; kernels leave both zero again, so they are allocated once and reused."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, cnt = _WORKSPACE.get(key, (None, None))
+    if ws is None or ws.numel() < numel or cnt.numel() < counters:
+        size = max(numel, 0 if ws is None else ws.numel())
+        ncnt = max(counters, 0 if cnt is None else cnt.numel())
+        ws = torch.zeros(size, dtype=torch.float32, device=device)
+        cnt = torch.zeros(ncnt, dtype=torch.int32, device=device)
+        _WORKSPACE[key] = (ws, cnt)
+    return ws, cnt
+
+
+def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, bool]:
+    """``cfg`` with ``bk`` shrunk so that a tile lies in one group where the groups allow it; returns
+    (config, per_element) where ``per_element`` means scales and zeros are gathered for every element."""
+    per = BLOCKS[rt.bits][0]
+    low = max(per, 16) if cfg.kernel == "gemm" else per
+    bk = max(cfg.bk, low)
+    gs = rt.group_size
+    if gs is None:
+        return replace(cfg, bk=bk), True
+    if gs >= rt.K:
+        return replace(cfg, bk=bk), False
+    while bk > low and gs % bk:
+        bk //= 2
+    return replace(cfg, bk=bk), gs % bk != 0
+
+
+def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
+           config: Config | None = None) -> torch.Tensor:
+    """``x`` (M, K) float16 / bfloat16 / float32 times the dequantized ``W``ᵀ (K, N), plus ``bias`` (N,):
+    (M, N) in ``x``'s dtype. ``config`` (default :func:`default_config`) picks the kernel and tiles;
+    ``rt.path`` records the one that ran."""
+    M, K = x.shape
+    if K != rt.K:
+        raise ValueError(f"x has {K} columns, the weight {rt.K} inputs")
+    N = rt.N
+    cfg, per_element = fit_config(config or default_config(M, rt.bits), rt)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    per, words = BLOCKS[rt.bits]
+    n_tiles = triton.cdiv(N, cfg.bn)
+    m_tiles = M if cfg.kernel == "gemv" else triton.cdiv(M, cfg.bm)
+    k_tiles = triton.cdiv(K, cfg.bk)
+    split = cfg.split or triton.cdiv(cfg.waves * _sm_count(x.device), n_tiles * m_tiles)
+    split = max(1, min(split, k_tiles))
+    tiles_per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty programs
+    if split > 1:
+        ws, cnt = workspace(x.device, M * N, m_tiles * n_tiles)
+    else:
+        ws, cnt = torch.empty(0, device=x.device), rt.g_sorted  # not read
+    dummy = rt.g_sorted
+    common = dict(
+        X=x, stride_xm=x.stride(0), stride_xk=x.stride(1), QW=rt.qweight, S=rt.scales, Z=rt.zeros,
+        PERM=rt.perm if rt.perm is not None else dummy, GIDX=rt.g_sorted,
+        BIAS=bias if bias is not None else dummy, Y=y, stride_ym=y.stride(0), stride_yn=y.stride(1),
+        WS=ws, WSI=ws.view(torch.int32), CNT=cnt, N=N, K=K, group_size=rt.group_size or K,
+        tiles_per_split=tiles_per_split,
+        BITS=rt.bits, BN=cfg.bn, SPLIT=split > 1, PER_ELEMENT=per_element, HAS_PERM=rt.perm is not None,
+        HAS_BIAS=bias is not None, EVEN_K=K % cfg.bk == 0, EVEN_N=N % cfg.bn == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    grid = (n_tiles, split, m_tiles)
+    if cfg.kernel == "gemv":
+        _gemv_kernel[grid](PER=per, WORDS=words, BB=cfg.bk // per, **common)
+    elif cfg.kernel == "gemm":
+        _gemm_kernel[grid](M=M, BM=cfg.bm, BK=cfg.bk, DOT_F32=interpreted() or x.dtype == torch.float32,
+                           **common)
+    else:
+        raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or gemm)")
+    rt.path = PATHS[cfg.kernel] + ("-interpreted" if interpreted() else "")
+    return y
+
+
+# ----------------------------------------------------------------------------------------------- backend
+
+
+def _forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if not runs_on(x.device):
+        raise RuntimeError(f"the triton backend needs CUDA tensors (got {x.device}; or set TRITON_INTERPRET=1 "
+                           "before Triton is imported to run it interpreted)")
+    rt = runtime_of(m)
+    if rt.qweight.device != x.device:
+        raise RuntimeError(f"x is on {x.device}, the packed weight on {rt.qweight.device}")
+    y = matmul(x.reshape(-1, m.in_features), rt, m.bias)
+    return y.reshape(*x.shape[:-1], m.out_features)
+
+
+def _path(m: QuantLinear) -> str:
+    rt = m.__dict__.get("_prepared", {}).get("triton")
+    return rt.path if rt is not None else "triton"
+
+
+register_backend(Backend("triton", _forward, _path))
