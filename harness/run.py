@@ -190,6 +190,9 @@ def execute(cfg: DictConfig, qcfg: Any, run_dir: str | None = None, progress: bo
     dtype = resolve_model_dtype(cfg.model.dtype, device)
     apply_runtime(cfg)
     if device.type == "cuda":
+        # An explicit index (cuda:N, as a sweep's slot pins it) does not initialise CUDA lazily the way
+        # plain "cuda" does, and the allocator's statistics refuse an uninitialised device.
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     relevant = relevant_config(cfg, dtype)
     timings: dict[str, float] = {}

@@ -188,3 +188,12 @@ def test_export_gptq_checkpoint_reloads_with_the_same_perplexity(tmp_path):
     assert 4 < made["memory"]["bits_per_weight"] < 6  # 4-bit codes + group-32 scales/zeros + g_idx
     proc = harness(tmp_path, "model=hf", f"model.path={ckpt}", "quantizer=rtn", "logger=none", *QUICK, check=False)
     assert proc.returncode == 2 and "error: quantizer.method" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["fp16", "gptq"])
+def test_a_fresh_process_on_an_explicit_gpu_index_runs(tmp_path, method):
+    """A sweep's slot pins a job to cuda:N before anything has touched CUDA; the run must still work."""
+    harness(tmp_path, "model=tiny-llama", f"quantizer={method}", "device=cuda:0", "logger=none", *QUICK)
+    rec = next(iter(results.iter_records(tmp_path / "results")))
+    assert rec["status"] == "ok" and rec["memory"]["gpu_max_allocated_bytes"] > 0
