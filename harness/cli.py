@@ -127,8 +127,21 @@ def recorded_hash(cfg: Any) -> str | None:
     except UserError:
         return None  # the run itself will report it
     h = config_hash(relevant_config(cfg, dtype))
-    ok = any(r.get("config_hash") == h and r.get("status") == "ok" for r in results.iter_records(cfg.results_dir))
+    ok = any(r.get("config_hash") == h and r.get("status") == "ok" and covers(r, cfg)
+             for r in results.iter_records(cfg.results_dir))
     return h if ok else None
+
+
+def covers(record: dict[str, Any], cfg: Any) -> bool:
+    """Whether a recorded run of the same config hash also measured what ``cfg`` asks for beyond it:
+    speed (``eval.latency``, not in the hash) with the same ``kernel`` choice. So adding
+    ``eval.latency=true`` or sweeping ``kernel=`` over a finished study runs what is missing."""
+    if not cfg.eval.get("latency", False):
+        return True
+    metrics = record.get("metrics") or {}
+    if not any(k.startswith("latency/") for k in metrics):
+        return False
+    return (record.get("config") or {}).get("kernel", "auto") == cfg.get("kernel", "auto")
 
 
 def _task(cfg: Any) -> float | None:

@@ -197,3 +197,23 @@ def test_a_fresh_process_on_an_explicit_gpu_index_runs(tmp_path, method):
     harness(tmp_path, "model=tiny-llama", f"quantizer={method}", "device=cuda:0", "logger=none", *QUICK)
     rec = next(iter(results.iter_records(tmp_path / "results")))
     assert rec["status"] == "ok" and rec["memory"]["gpu_max_allocated_bytes"] > 0
+
+
+def test_a_sweep_reruns_recorded_configs_that_lack_the_asked_latency(tmp_path):
+    """eval.latency and kernel are not in the hash; a recorded run without them does not stand in."""
+    def sweep(*extra: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HARNESS_CACHE=str(tmp_path / "cache"))
+        return subprocess.run([sys.executable, "-m", "harness", "-m", f"results_dir={tmp_path / 'results'}",
+                               "model=tiny-gpt2", "quantizer=rtn", "quantizer.bits=4", "logger=none", *QUICK, *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=True)
+
+    speed = ["eval.latency=true", "eval.latency_prefill=32", "eval.latency_prompt=8", "eval.latency_decode_tokens=4",
+             "eval.latency_batch_sizes=[1]", "eval.latency_repeats=1", "eval.latency_warmup=0"]
+    sweep()
+    assert sweep(*speed).stderr.count("[done]") == 0  # measured again, now with latency
+    assert sweep(*speed).stderr.count("[done]") == 1  # and that one stands in from now on
+    assert sweep().stderr.count("[done]") == 1  # a latency record covers a run that does not ask for it
+    assert sweep(*speed, "kernel=torch").stderr.count("[done]") == 0  # another kernel choice is measured
+    recs = list(results.iter_records(tmp_path / "results"))
+    assert len(recs) == 3 and len({r["config_hash"] for r in recs}) == 1
+    assert [any(k.startswith("latency/") for k in r["metrics"]) for r in recs] == [False, True, True]
