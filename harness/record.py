@@ -48,7 +48,7 @@ def relevant_config(cfg: Any, dtype: str) -> dict[str, Any]:
         out["eval"].update(tasks=reported_names(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit)
     if cfg.get("export", "none") != "none":  # the packed model (float16 scales) evaluates a hair differently
         out["export"] = cfg.export
-    elif cfg.get("pack", False):  # the same packed model, no checkpoint (export=gptq implies it)
+    elif cfg.get("pack", False) and q.method != FP16:  # the packed model, no checkpoint; fp16 stays dense
         out["pack"] = True
     if uses_calibration(q.method):
         c = cfg.calib

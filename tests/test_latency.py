@@ -136,7 +136,6 @@ def test_packed_run_with_latency_through_the_cli(tmp_path):
 
 
 BAD = [
-    (["quantizer=fp16", "pack=true"], "pack"),
     (["quantizer=rtn", "quantizer.bits=5", "pack=true"], "pack"),
     (["kernel=trtion"], "kernel"),
     (["eval.latency=true", "eval.latency_batch_sizes=[0]"], "eval.latency_batch_sizes"),
@@ -165,3 +164,28 @@ def test_packed_latency_on_the_gpu_names_the_kernel_and_eval_peak(tmp_path):
     assert rec["metrics"]["latency/kernel"] == rec["data"]["kernel"]
     assert 0 < rec["memory"]["eval_peak_bytes"] <= rec["memory"]["gpu_max_allocated_bytes"]
     assert rec["metrics"]["latency/decode_bs1_ms_per_token"] > 0
+
+
+def test_pack_on_fp16_is_the_dense_baseline(tmp_path):
+    """A speed study crosses fp16 with pack=true: fp16 has nothing to pack, so it runs dense and
+    shares the fp16 baseline's hash."""
+    harness(tmp_path, "model=tiny-llama", "logger=none", "quantizer=fp16", *QUICK)
+    harness(tmp_path, "model=tiny-llama", "logger=none", "quantizer=fp16", "pack=true", *QUICK)
+    a, b = list(results.iter_records(tmp_path / "results"))
+    assert a["config_hash"] == b["config_hash"] and b["data"]["kernel_paths"] == {}
+    assert b["metrics"]["wikitext2/ppl"] == a["metrics"]["wikitext2/ppl"]
+
+
+def test_speed_study_runs_dense_baseline_and_packed_gptq(tmp_path):
+    small = ["eval.latency_prefill=32", "eval.latency_prompt=8", "eval.latency_decode_tokens=4",
+             "eval.latency_batch_sizes=[1,2]", "eval.latency_repeats=1", "eval.latency_warmup=0"]
+    harness(tmp_path, "study=speed", "model=tiny-llama", "quantizer.bits=4", "quantizer.desc_act=false", "logger=none",
+            *QUICK, *small)
+    recs = list(results.iter_records(tmp_path / "results"))
+    recs.sort(key=lambda r: r["relevant"]["quantizer"]["method"] != "fp16")
+    assert [(r["relevant"]["quantizer"]["method"], r["relevant"].get("pack")) for r in recs] == [
+        ("fp16", None), ("gptq", True), ("gptq", True)]
+    assert all(r["status"] == "ok" and r["metrics"]["latency/decode_bs2_ms_per_token"] > 0 for r in recs)
+    assert recs[0]["metrics"]["latency/prefill_path"] == "dense"
+    assert recs[1]["metrics"]["latency/prefill_path"] != "dense"
+    assert recs[1]["memory"]["weight_bytes"] < recs[0]["memory"]["weight_bytes"] / 3
