@@ -260,7 +260,7 @@ def test_quantlinear_buffers_state_dict_and_bytes():
 
 def test_quantlinear_unknown_backend_is_refused():
     m = QuantLinear.from_result(random_result(4, 32, 32, None, seed=0), None, torch.float32)
-    with pytest.raises(ValueError, match="unknown QuantLinear backend 'triton'"):
-        m.backend = "triton"
+    with pytest.raises(ValueError, match="unknown QuantLinear backend 'tritn'"):
+        m.backend = "tritn"
     with pytest.raises(ValueError, match="bits"):
         QuantLinear(5, 64, 64, 1, bias=False)
