@@ -49,7 +49,8 @@ from quantizers.qlinear import Backend, QuantLinear, register_backend
 BLOCKS = {2: (16, 1), 3: (32, 3), 4: (8, 1), 8: (4, 1)}  # bits → (codes, int32 words) of one packed block
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC | q) reads as 2**23 + q
 TWO23: tl.constexpr = tl.constexpr(8388608.0)
-GEMV_MAX_M = 2  # rows of x up to which the GEMV kernel runs; the tl.dot kernel above
+HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there (a kernel constexpr)
+GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
 PATHS = {"gemv": "triton-gemv-splitk", "gemm": "triton-gemm"}
 
 
@@ -67,38 +68,81 @@ def runs_on(device: torch.device) -> bool:
 
 
 @triton.jit
-def _tile_codes(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
-    """Code ``j`` of every packed block of a tile: ``w0..w2`` (blocks, BN) uint32 hold the block's
-    words (``w1``, ``w2`` only for 3 bits). Returns (blocks, BN) float32 ``2²³ + code``."""
+def _code(lo, hw, nxt, magic, s: tl.constexpr, BITS: tl.constexpr, HIGH: tl.constexpr):
+    """The code at bit ``s`` of the words ``lo`` (blocks, BN) uint32, as the float32 ``2**(23 − p) + code``.
+
+    A code below bit 23 is masked in place (``p = s``, one and-or, no shift) and given the exponent that
+    makes its lowest bit worth 1; codes above come from ``hw = lo >> HIGH`` (``p = s − HIGH`` ≥ 8); one
+    running into the next word ``nxt`` (3 bits: codes 10 and 21 of each 32) is shifted down (``p = 0``).
+    ``magic`` is ``MAGIC`` passed at run time: in a register, mask-and-or is one instruction."""
     MAXQ: tl.constexpr = (1 << BITS) - 1
-    bit: tl.constexpr = BITS * j
-    word: tl.constexpr = bit // 32
-    shift: tl.constexpr = bit % 32
-    if word == 0:
-        lo = w0
-    elif word == 1:
-        lo = w1
+    if s + BITS > 32:
+        c = ((lo >> s) | (nxt << (32 - s))) & MAXQ
+        e = magic
+    elif s + BITS <= 23:
+        c = lo & (MAXQ << s)
+        e = magic - (s << 23)
     else:
-        lo = w2
-    c = lo >> shift
-    if shift + BITS > 32:  # 3 bits: codes 10 and 21 continue in the next word
-        if word == 0:
-            c = c | (w1 << (32 - shift))
-        else:
-            c = c | (w2 << (32 - shift))
-    if shift + BITS != 32:  # the top code of a word has nothing above it
-        c = c & MAXQ
-    return (c | MAGIC).to(tl.float32, bitcast=True)
+        c = hw & (MAXQ << (s - HIGH))
+        e = magic - ((s - HIGH) << 23)
+    return (c | e).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _load_words(ptrs, mask, UNMASKED: tl.constexpr):
-    """A tile of packed words as uint32, read once (streamed past the cache)."""
+def _load_words(QW, t, offs_b, offs_n, n_ok, N, K, BB: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr,
+                UNMASKED: tl.constexpr, STREAM: tl.constexpr):
+    """The packed words of tile ``t`` (``BB`` blocks × BN columns) as uint32: ``w0`` and, at 3 bits, the
+    block's second and third words ``w1``, ``w2`` (else copies of ``w0``). ``STREAM``: read once."""
+    ptrs = QW + ((t * BB + offs_b) * WORDS)[:, None] * N + offs_n[None, :]  # (BB, BN) first word of each block
+    mask = (((t * BB + offs_b) * PER) < K)[:, None] & n_ok[None, :]
+    w0 = _load(ptrs, mask, UNMASKED, STREAM)
+    w1 = w0
+    w2 = w0
+    if WORDS == 3:
+        w1 = _load(ptrs + N, mask, UNMASKED, STREAM)
+        w2 = _load(ptrs + 2 * N, mask, UNMASKED, STREAM)
+    return w0, w1, w2
+
+
+@triton.jit
+def _load(ptrs, mask, UNMASKED: tl.constexpr, STREAM: tl.constexpr):
     if UNMASKED:
-        w = tl.load(ptrs, eviction_policy="evict_first")
+        if STREAM:
+            w = tl.load(ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(ptrs)
     else:
-        w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+        if STREAM:
+            w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+        else:
+            w = tl.load(ptrs, mask=mask, other=0)
     return w.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _select_code(w0, w1, w2, hw0, hw1, hw2, magic, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.constexpr):
+    """Code ``j`` of each block (see :func:`_code`) from the block's words."""
+    bit: tl.constexpr = BITS * j
+    if bit // 32 == 0:
+        f = _code(w0, hw0, w1, magic, bit % 32, BITS, HIGH)
+    elif bit // 32 == 1:
+        f = _code(w1, hw1, w2, magic, bit % 32, BITS, HIGH)
+    else:
+        f = _code(w2, hw2, w2, magic, bit % 32, BITS, HIGH)
+    return f
+
+
+@triton.jit
+def _column(xt, j: tl.constexpr, BB: tl.constexpr, PER: tl.constexpr, LOG_PER: tl.constexpr):
+    """Column ``j`` of ``xt`` (BB, PER) as (BB,), by halving the last dimension ``LOG_PER`` times."""
+    cur = xt
+    for level in tl.static_range(LOG_PER):
+        a, b = tl.split(tl.reshape(cur, (BB, PER >> (level + 1), 2)))
+        if (j >> level) & 1:
+            cur = b
+        else:
+            cur = a
+    return tl.reshape(cur, (BB,))
 
 
 @triton.jit
@@ -118,68 +162,97 @@ def _finish(acc, y_ptrs, ws_ptrs, wsi_ptrs, cnt_ptr, mask, bias, SPLIT: tl.const
     tl.store(y_ptrs, (acc + bias).to(y_ptrs.dtype.element_ty), mask=mask)
 
 
+# GROUPING (how the tile finds scales and zeros): TILE, the whole tile lies in one group (a (BN,) scale
+# and zero); BLOCK, each packed block lies in one group (a (BB, BN) scale and zero per tile); ELEMENT,
+# groups are irregular (scale and zero gathered for every element).
+TILE: tl.constexpr = tl.constexpr(0)
+BLOCK: tl.constexpr = tl.constexpr(1)
+ELEMENT: tl.constexpr = tl.constexpr(2)
+
+
 @triton.jit
 def _gemv_kernel(
     X, stride_xm, stride_xk,  # (M, K) activations
-    QW,  # (K·bits/32 rounded up to whole blocks, N) int32 packed codes, sorted-group order
+    QW,  # (K·bits/32, N) int32 packed codes, sorted-group order
     S, Z,  # (G, N) float16 scales, uint8 zeros
     PERM,  # (K,) int32 column of x for each sorted k (HAS_PERM)
-    GIDX,  # (K,) int32 group of each sorted k (PER_ELEMENT)
+    GIDX,  # (K,) int32 group of each sorted k (ELEMENT)
     BIAS,  # (N,) (HAS_BIAS)
     Y, stride_ym, stride_yn,  # (M, N) output
     WS, WSI, CNT,  # split-K workspace (M, N) float32 (and as int32) and counters (M · N tiles) int32, zero on entry
     N, K, group_size, tiles_per_split,
+    magic,  # MAGIC, passed at run time (see _code)
     BITS: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
-    SPLIT: tl.constexpr, PER_ELEMENT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    SPLIT: tl.constexpr, GROUPING: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HIGH: tl.constexpr, XSPLIT: tl.constexpr, LOG_PER: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    """One row ``m`` of ``x`` × a (K range, BN) slice of ``W``: program (n tile, k split, m)."""
+    """One row ``m`` of ``x`` × a (K range, BN) slice of ``W``: program (n tile, k split, m).
+
+    CUDA-core FMAs on (BB blocks, BN columns) tiles of packed words; per code one and-or, one
+    subtraction, one FMA (:func:`_code`); the scale once per word. ``GROUPING`` TILE or ELEMENT."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BK: tl.constexpr = BB * PER  # codes of k per tile
     offs_n = pid_n * BN + tl.arange(0, BN)  # (BN,)
     n_ok = offs_n < N
     offs_b = tl.arange(0, BB)  # (BB,) packed blocks of the tile
     x_row = X + m * stride_xm
-    n_tiles = tl.cdiv(K, BK)
     t0 = pid_k * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BK))
     acc = tl.zeros((BB, BN), dtype=tl.float32)
+    if PREFETCH:  # registers hold the next tile's words while this one is computed
+        wn0, wn1, wn2 = _load_words(QW, t0, offs_b, offs_n, n_ok, N, K, BB, PER, WORDS, EVEN_K and EVEN_N, True)
     for t in range(t0, t1):
-        blk = t * BB + offs_b  # (BB,)
-        w_ptrs = QW + (blk * WORDS)[:, None] * N + offs_n[None, :]  # (BB, BN) first word of each block
-        w_mask = ((blk * PER) < K)[:, None] & n_ok[None, :]
-        w0 = _load_words(w_ptrs, w_mask, EVEN_K and EVEN_N)
-        w1 = w0
-        w2 = w0
-        if WORDS == 3:
-            w1 = _load_words(w_ptrs + N, w_mask, EVEN_K and EVEN_N)
-            w2 = _load_words(w_ptrs + 2 * N, w_mask, EVEN_K and EVEN_N)
-        if not PER_ELEMENT:  # the tile lies in one group: one scale and zero per column
+        if PREFETCH:
+            w0, w1, w2 = wn0, wn1, wn2
+            wn0, wn1, wn2 = _load_words(QW, tl.minimum(t + 1, t1 - 1), offs_b, offs_n, n_ok, N, K, BB, PER, WORDS,
+                                        EVEN_K and EVEN_N, True)
+        else:
+            w0, w1, w2 = _load_words(QW, t, offs_b, offs_n, n_ok, N, K, BB, PER, WORDS, EVEN_K and EVEN_N, True)
+        hw0 = w0 >> HIGH
+        hw1 = w1 >> HIGH
+        hw2 = w2 >> HIGH
+        if GROUPING == TILE:  # one scale and zero per column
             g = (t * BK) // group_size
-            s = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
-            cz = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32) + TWO23  # (BN,) 2²³ + zero
+            sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
+            zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)  # (BN,)
         part = tl.zeros((BB, BN), dtype=tl.float32)
+        if XSPLIT:
+            kt = t * BK + tl.arange(0, BK)
+            if HAS_PERM:
+                xkt = tl.load(PERM + kt, mask=kt < K, other=0)
+            else:
+                xkt = kt
+            xt = tl.reshape(tl.load(x_row + xkt * stride_xk, mask=kt < K, other=0.0).to(tl.float32), (BB, PER))
         for j in tl.static_range(PER):
             k = t * BK + offs_b * PER + j  # (BB,) sorted k of code j of each block
             k_ok = k < K
-            if HAS_PERM:
-                xk = tl.load(PERM + k, mask=k_ok, other=0)
+            if XSPLIT:
+                xj = _column(xt, j, BB, PER, LOG_PER)
             else:
-                xk = k
-            xj = tl.load(x_row + xk * stride_xk, mask=k_ok, other=0.0).to(tl.float32)  # (BB,)
-            f = _tile_codes(w0, w1, w2, j, BITS)  # (BB, BN) 2²³ + code
-            if PER_ELEMENT:  # groups change inside the tile: scale and zero of every element
+                if HAS_PERM:
+                    xk = tl.load(PERM + k, mask=k_ok, other=0)
+                else:
+                    xk = k
+                if EVEN_K:
+                    xj = tl.load(x_row + xk * stride_xk).to(tl.float32)  # (BB,)
+                else:
+                    xj = tl.load(x_row + xk * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+            f = _select_code(w0, w1, w2, hw0, hw1, hw2, magic, j, BITS, HIGH)  # (BB, BN) 2**(23 − p) + code
+            s = (BITS * j) % 32
+            p = (s + BITS <= 32) * (s - (s + BITS > 23) * HIGH)
+            if GROUPING == TILE:  # (2**(23 − p) + code) − (2**(23 − p) + zero) = code − zero, exactly
+                part += xj[:, None] * (f - (zf + (1 << (23 - p)))[None, :])
+            else:  # scale and zero of every element
                 ge = tl.load(GIDX + k, mask=k_ok, other=0)
-                sz_ptrs = ge[:, None] * N + offs_n[None, :]
-                se = tl.load(S + sz_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)
-                ze = tl.load(Z + sz_ptrs, mask=n_ok[None, :], other=0).to(tl.float32) + TWO23
-                part += xj[:, None] * ((f - ze) * se)
-            else:
-                part += xj[:, None] * (f - cz[None, :])  # code − zero is exact
-        if PER_ELEMENT:
-            acc += part
+                sz = ge[:, None] * N + offs_n[None, :]
+                se = tl.load(S + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                ze = tl.load(Z + sz, mask=n_ok[None, :], other=0).to(tl.float32)
+                part += xj[:, None] * ((f - (ze + (1 << (23 - p)))) * se)
+        if GROUPING == TILE:
+            acc += part * sc[None, :]  # one multiply per packed word
         else:
-            acc += part * s[None, :]  # one multiply per packed word
+            acc += part
     y = tl.sum(acc, axis=0)  # (BN,)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -192,77 +265,80 @@ def _gemv_kernel(
 @triton.jit
 def _gemm_kernel(
     X, stride_xm, stride_xk, QW, S, Z, PERM, GIDX, BIAS, Y, stride_ym, stride_yn, WS, WSI, CNT,
-    M, N, K, group_size, tiles_per_split,
-    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    SPLIT: tl.constexpr, PER_ELEMENT: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+    M, N, K, group_size, tiles_per_split, magic,
+    BITS: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr, BB: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, SPLIT: tl.constexpr, GROUPING: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HIGH: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """A (BM, BN) tile of ``y`` over a K range: program (n tile, k split, m tile). Arguments as
-    :func:`_gemv_kernel`; ``DOT_F32``: float32 operands (interpreter, or float32 ``x``)."""
+    :func:`_gemv_kernel`. Per code position ``j`` one ``tl.dot`` of ``x[:, k0 + PER·b + j]`` (BM, BB)
+    with code ``j`` of every block, dequantized in registers (BB ≥ 16 blocks); ``DOT_F32``: float32
+    operands (the interpreter has no bfloat16 matmul; float32 ``x``)."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    MAXQ: tl.constexpr = (1 << BITS) - 1
+    BK: tl.constexpr = BB * PER
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    offs_k = tl.arange(0, BK)
-    n_tiles = tl.cdiv(K, BK)
+    offs_b = tl.arange(0, BB)
     t0 = pid_k * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BK))
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for t in range(t0, t1):
-        k = t * BK + offs_k  # (BK,) sorted k
-        k_ok = k < K
-        if HAS_PERM:
-            xk = tl.load(PERM + k, mask=k_ok, other=0)
-        else:
-            xk = k
-        x = tl.load(X + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-        # code of row k: bits [BITS·k, BITS·k + BITS) of the column's bit stream
-        bit = k * BITS
-        row = bit // 32
-        shift = (bit % 32).to(tl.uint32)
-        wk_mask = k_ok[:, None] & n_ok[None, :]
-        w_ptrs = QW + row[:, None] * N + offs_n[None, :]  # (BK, BN): each word read for each of its codes
-        if EVEN_K and EVEN_N:
-            w = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
-        else:
-            w = tl.load(w_ptrs, mask=wk_mask, other=0).to(tl.uint32, bitcast=True)
-        c = w >> shift[:, None]  # (BK, BN)
-        if BITS == 3:  # codes 10 and 21 of each 32 continue in the next word
-            straddle = shift > 29
-            hi = tl.load(QW + (row + 1)[:, None] * N + offs_n[None, :], mask=wk_mask & straddle[:, None],
-                         other=0).to(tl.uint32, bitcast=True)
-            c = c | tl.where(straddle[:, None], hi << ((32 - shift) % 32)[:, None], 0)
-        f = ((c & MAXQ) | MAGIC).to(tl.float32, bitcast=True)  # 2²³ + code
-        if PER_ELEMENT:
-            ge = tl.load(GIDX + k, mask=k_ok, other=0)
-            sz_ptrs = ge[:, None] * N + offs_n[None, :]
-            se = tl.load(S + sz_ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)
-            ze = tl.load(Z + sz_ptrs, mask=n_ok[None, :], other=0).to(tl.float32) + TWO23
-            wq = (f - ze) * se  # (BK, BN) dequantized weight
-        else:
+        w0, w1, w2 = _load_words(QW, t, offs_b, offs_n, n_ok, N, K, BB, PER, WORDS, EVEN_K and EVEN_N, False)
+        hw0 = w0 >> HIGH
+        hw1 = w1 >> HIGH
+        hw2 = w2 >> HIGH
+        if GROUPING == TILE:
             g = (t * BK) // group_size
-            cz = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32) + TWO23
-            wq = f - cz[None, :]  # code − zero, exact in 16 bits too (|·| ≤ 255)
-        if DOT_F32:
-            d = tl.dot(x.to(tl.float32), wq, input_precision="ieee")
-        else:
-            d = tl.dot(x, wq.to(x.dtype))
-        if PER_ELEMENT:
-            acc += d
-        else:
-            s = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            acc += d * s[None, :]
+            sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
+            zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+            tile = tl.zeros((BM, BN), dtype=tl.float32)
+        elif GROUPING == BLOCK:
+            kb = (t * BB + offs_b) * PER  # (BB,) first k of each block
+            sz = (kb // group_size)[:, None] * N + offs_n[None, :]
+            sz_ok = (kb < K)[:, None] & n_ok[None, :]  # blocks past K have no group
+            sc = tl.load(S + sz, mask=sz_ok, other=0.0).to(tl.float32)  # (BB, BN)
+            zf = tl.load(Z + sz, mask=sz_ok, other=0).to(tl.float32)
+        for j in tl.static_range(PER):
+            k = t * BK + offs_b * PER + j  # (BB,)
+            k_ok = k < K
+            if HAS_PERM:
+                xk = tl.load(PERM + k, mask=k_ok, other=0)
+            else:
+                xk = k
+            xj = tl.load(X + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BB)
+            f = _select_code(w0, w1, w2, hw0, hw1, hw2, magic, j, BITS, HIGH)  # (BB, BN) 2**(23 − p) + code
+            s = (BITS * j) % 32
+            p = (s + BITS <= 32) * (s - (s + BITS > 23) * HIGH)
+            if GROUPING == TILE:
+                d = f - (zf + (1 << (23 - p)))[None, :]  # code − zero, exact in 16 bits too
+            elif GROUPING == BLOCK:
+                d = (f - (zf + (1 << (23 - p)))) * sc
+            else:
+                ge = tl.load(GIDX + k, mask=k_ok, other=0)
+                sz = ge[:, None] * N + offs_n[None, :]
+                se = tl.load(S + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                ze = tl.load(Z + sz, mask=n_ok[None, :], other=0).to(tl.float32)
+                d = (f - (ze + (1 << (23 - p)))) * se
+            if DOT_F32:
+                prod = tl.dot(xj.to(tl.float32), d, input_precision="ieee")
+            else:
+                prod = tl.dot(xj, d.to(xj.dtype))
+            if GROUPING == TILE:
+                tile += prod
+            else:
+                acc += prod
+        if GROUPING == TILE:
+            acc += tile * sc[None, :]
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     else:
         bias = 0.0
     _finish(acc, Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
             WS + offs_m[:, None] * N + offs_n[None, :], WSI + offs_m[:, None] * N + offs_n[None, :],
-            CNT + pid_m * tl.num_programs(0) + pid_n,
-            m_ok[:, None] & n_ok[None, :], bias, SPLIT)
+            CNT + pid_m * tl.num_programs(0) + pid_n, m_ok[:, None] & n_ok[None, :], bias, SPLIT)
 
 
 # ------------------------------------------------------------------------------------------ runtime layout
@@ -354,34 +430,76 @@ def unpack_runtime(rt: Runtime) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Config:
-    """Launch parameters. ``kernel`` "gemv" or "gemm"; ``bn`` columns and ``bk`` codes of ``k`` per tile
-    (powers of two, ``bk`` a multiple of the packed block: 16/32/8/4 codes at 2/3/4/8 bits, ≥ 16 for
-    gemm); ``bm`` rows per gemm tile (≥ 16); ``split``: K splits (0: enough for ``waves`` programs per
-    SM); ``num_warps``, ``num_stages`` as Triton's."""
+    """Launch parameters of one product.
+
+    ``kernel`` "gemv" or "gemm"; ``bn`` columns and ``bk`` codes of ``k`` per tile (powers of two;
+    ``bk`` a multiple of the packed block, 16/32/8/4 codes at 2/3/4/8 bits; gemm takes at least 16
+    blocks); ``bm`` rows of ``x`` per gemm tile (≥ 16); ``split``: K splits, 0 for enough programs to
+    give every SM ``warps_per_sm`` warps; ``num_warps``, ``num_stages`` as Triton's. gemv only:
+    ``xsplit`` reads the tile's ``x`` (gathered by ``perm`` under act-order) once per program and hands
+    it out through shared memory instead of every thread reading every element; ``prefetch`` loads the
+    next tile's words before multiplying the current one."""
 
     kernel: str = "gemv"
     bn: int = 128
-    bk: int = 128
-    bm: int = 1
+    bk: int = 64
+    bm: int = 16
     split: int = 0
-    waves: int = 4
-    num_warps: int = 4
-    num_stages: int = 2
+    warps_per_sm: int = 16
+    num_warps: int = 1
+    num_stages: int = 1
+    xsplit: bool = True
+    prefetch: bool = False
 
     def name(self) -> str:
-        split = f"s{self.split}" if self.split else f"w{self.waves}"
-        bm = f"m{self.bm}" if self.kernel == "gemm" else ""
-        return f"{self.kernel}:{bm}n{self.bn}k{self.bk}{split}x{self.num_warps}/{self.num_stages}"
+        split = f"s{self.split}" if self.split else f"w{self.warps_per_sm}"
+        if self.kernel == "gemv":
+            flags = ("+x" if self.xsplit else "") + ("+pf" if self.prefetch else "")
+            return f"gemv n{self.bn} k{self.bk} {split} x{self.num_warps}{flags}"
+        return f"gemm m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}"
+
+
+# Hand-picked from the instruction counts of the sm_90 code (no timings yet): the most codes per
+# instruction without spilling registers. ``harness/bench_kernels.py --tune`` times the alternatives.
+GEMV_CONFIGS = {
+    2: Config("gemv", bn=128, bk=64, num_warps=1),
+    3: Config("gemv", bn=256, bk=128, num_warps=2),
+    4: Config("gemv", bn=128, bk=64, num_warps=1),
+    8: Config("gemv", bn=128, bk=64, num_warps=1),
+}
 
 
 def default_config(M: int, bits: int) -> Config:
     """The hand-picked table: GEMV up to ``GEMV_MAX_M`` rows, else tl.dot tiles sized by ``M``."""
     if M <= GEMV_MAX_M:
-        return Config("gemv", bn=128, bk=128, num_warps=4, num_stages=2)
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    if bm <= 64:
-        return Config("gemm", bm=bm, bn=64, bk=128, num_warps=4, num_stages=2)
-    return Config("gemm", bm=128, bn=128, bk=64, split=1, num_warps=8, num_stages=3)
+        return GEMV_CONFIGS[bits]
+    if M <= 16:  # 2 and 3 bits: 16 blocks are 256 and 512 codes, twice the warps for the registers
+        return Config("gemm", bm=16, bn=128, num_warps=4 if bits in (4, 8) else 8, num_stages=2)
+    if M <= 32:
+        return Config("gemm", bm=32, bn=64, num_warps=4, num_stages=2, warps_per_sm=16)
+    if M <= 64:
+        return Config("gemm", bm=64, bn=128, num_warps=8, num_stages=2, warps_per_sm=16)
+    return Config("gemm", bm=128, bn=128, num_warps=8, num_stages=3, split=1)
+
+
+def tune_configs(kernel: str, bits: int) -> list[Config]:
+    """Alternatives that ``bench_kernels --tune`` times against the defaults (same results, other speed)."""
+    if kernel == "gemv":
+        base = [Config("gemv", bn=128, bk=32, num_warps=1), Config("gemv", bn=128, bk=64, num_warps=1),
+                Config("gemv", bn=128, bk=64, num_warps=1, prefetch=True),
+                Config("gemv", bn=256, bk=64, num_warps=2), Config("gemv", bn=256, bk=128, num_warps=2),
+                Config("gemv", bn=128, bk=64, num_warps=1, warps_per_sm=8),
+                Config("gemv", bn=128, bk=64, num_warps=1, warps_per_sm=32),
+                Config("gemv", bn=256, bk=64, num_warps=2, xsplit=False),
+                Config("gemv", bn=512, bk=64, num_warps=4, xsplit=False)]
+    else:
+        base = [Config("gemm", bm=16, bn=64, num_warps=4, num_stages=2),
+                Config("gemm", bm=16, bn=128, num_warps=4, num_stages=2),
+                Config("gemm", bm=16, bn=128, num_warps=4, num_stages=3),
+                Config("gemm", bm=16, bn=256, num_warps=8, num_stages=2),
+                Config("gemm", bm=16, bn=128, num_warps=4, num_stages=2, warps_per_sm=8),
+                Config("gemm", bm=16, bn=128, num_warps=4, num_stages=2, warps_per_sm=32)]
+    return list(dict.fromkeys(base))
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -412,20 +530,23 @@ def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Te
     return ws, cnt
 
 
-def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, bool]:
-    """``cfg`` with ``bk`` shrunk so that a tile lies in one group where the groups allow it; returns
-    (config, per_element) where ``per_element`` means scales and zeros are gathered for every element."""
+def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
+    """``cfg`` with ``bk`` adjusted to the layout and the groups, and the kernels' ``GROUPING``: TILE
+    (0) when a tile lies in one group, BLOCK (1) when each packed block does, ELEMENT (2) otherwise.
+    gemv shrinks ``bk`` until a tile fits in a group (it has no BLOCK mode); gemm needs ``bk ≥ 16``
+    blocks (one ``tl.dot`` of K = blocks per code position)."""
     per = BLOCKS[rt.bits][0]
-    low = max(per, 16) if cfg.kernel == "gemm" else per
-    bk = max(cfg.bk, low)
+    bk = max(cfg.bk, per * (16 if cfg.kernel == "gemm" else 1))
     gs = rt.group_size
     if gs is None:
-        return replace(cfg, bk=bk), True
+        return replace(cfg, bk=bk), int(ELEMENT)
     if gs >= rt.K:
-        return replace(cfg, bk=bk), False
-    while bk > low and gs % bk:
-        bk //= 2
-    return replace(cfg, bk=bk), gs % bk != 0
+        return replace(cfg, bk=bk), int(TILE)
+    if cfg.kernel == "gemv":
+        while bk > per and gs % bk:
+            bk //= 2
+    grouping = TILE if gs % bk == 0 else BLOCK if gs % per == 0 and cfg.kernel == "gemm" else ELEMENT
+    return replace(cfg, bk=bk), int(grouping)
 
 
 def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
@@ -437,7 +558,7 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
     if K != rt.K:
         raise ValueError(f"x has {K} columns, the weight {rt.K} inputs")
     N = rt.N
-    cfg, per_element = fit_config(config or default_config(M, rt.bits), rt)
+    cfg, grouping = fit_config(config or default_config(M, rt.bits), rt)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
@@ -445,7 +566,8 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
     n_tiles = triton.cdiv(N, cfg.bn)
     m_tiles = M if cfg.kernel == "gemv" else triton.cdiv(M, cfg.bm)
     k_tiles = triton.cdiv(K, cfg.bk)
-    split = cfg.split or triton.cdiv(cfg.waves * _sm_count(x.device), n_tiles * m_tiles)
+    programs = triton.cdiv(cfg.warps_per_sm * _sm_count(x.device), cfg.num_warps)
+    split = cfg.split or triton.cdiv(programs, n_tiles * m_tiles)
     split = max(1, min(split, k_tiles))
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty programs
@@ -454,22 +576,22 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
     else:
         ws, cnt = torch.empty(0, device=x.device), rt.g_sorted  # not read
     dummy = rt.g_sorted
-    common = dict(
+    args = dict(
         X=x, stride_xm=x.stride(0), stride_xk=x.stride(1), QW=rt.qweight, S=rt.scales, Z=rt.zeros,
         PERM=rt.perm if rt.perm is not None else dummy, GIDX=rt.g_sorted,
         BIAS=bias if bias is not None else dummy, Y=y, stride_ym=y.stride(0), stride_yn=y.stride(1),
         WS=ws, WSI=ws.view(torch.int32), CNT=cnt, N=N, K=K, group_size=rt.group_size or K,
-        tiles_per_split=tiles_per_split,
-        BITS=rt.bits, BN=cfg.bn, SPLIT=split > 1, PER_ELEMENT=per_element, HAS_PERM=rt.perm is not None,
-        HAS_BIAS=bias is not None, EVEN_K=K % cfg.bk == 0, EVEN_N=N % cfg.bn == 0,
+        tiles_per_split=tiles_per_split, magic=int(MAGIC), HIGH=HIGH,
+        BITS=rt.bits, PER=per, WORDS=words, BB=cfg.bk // per, BN=cfg.bn, SPLIT=split > 1, GROUPING=grouping,
+        HAS_PERM=rt.perm is not None, HAS_BIAS=bias is not None, EVEN_K=K % cfg.bk == 0, EVEN_N=N % cfg.bn == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (n_tiles, split, m_tiles)
     if cfg.kernel == "gemv":
-        _gemv_kernel[grid](PER=per, WORDS=words, BB=cfg.bk // per, **common)
+        xsplit = cfg.xsplit and cfg.bk >= 32 * cfg.num_warps  # each thread gathers whole elements
+        _gemv_kernel[grid](XSPLIT=xsplit, LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, **args)
     elif cfg.kernel == "gemm":
-        _gemm_kernel[grid](M=M, BM=cfg.bm, BK=cfg.bk, DOT_F32=interpreted() or x.dtype == torch.float32,
-                           **common)
+        _gemm_kernel[grid](M=M, BM=cfg.bm, DOT_F32=interpreted() or x.dtype == torch.float32, **args)
     else:
         raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or gemm)")
     rt.path = PATHS[cfg.kernel] + ("-interpreted" if interpreted() else "")

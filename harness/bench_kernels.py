@@ -1,0 +1,309 @@
+"""Packed-weight kernels against dense bf16: ``python -m harness.bench kernels [--smoke] [--tune] [--out F]``.
+
+For LLaMA-7B's linear shapes (K×N = 4096×4096, 4096×11008, 11008×4096), rows M ∈ {1, 4, 16, 64},
+bits 2/3/4/8 with groups of 128, act-order off and on: the fused Triton product
+(``quantizers/kernels/triton_gemm.py``, the config ``QuantLinear`` uses by default), the other kernel
+family at the same M, ``torch.matmul`` with the bf16 weight, the torch backend of ``QuantLinear`` (its
+cached dequantized weight) and, at 4 bits without act-order, torch's own int4 kernel
+(``torch._weight_int4pack_mm``), each measured in the same run on the same activations.
+
+Timing: GPU time of a CUDA graph that replays the product over enough weight copies to stream more than
+twice the L2 cache (a decode step reads each layer's weight once, from HBM), median of 10 replays after a
+warm-up, divided by the products in the graph; CUDA events. ``eager`` columns time the same products
+launched from Python (CPU launch cost included). ``rel err``: the Triton output against the float32
+product with the dequantized weight. ``--tune`` also times alternative tile configs of both kernels on
+4096×11008 (3 and 4 bits) and prints them, to refine ``GEMV_CONFIGS`` / ``default_config``.
+``--smoke``: tiny shapes on the CPU (the kernels run only where Triton's interpreter is on:
+``TRITON_INTERPRET=1``), seconds long, wall-clock medians.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from quantizers.base import QuantResult
+from quantizers.qlinear import QuantLinear
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): attention, up/gate, down projections
+ROWS = (1, 4, 16, 64)
+BITS = (2, 3, 4, 8)
+GROUP = 128
+SMOKE = {"shapes": [(64, 64)], "rows": (1, 4), "bits": (3, 4), "group": 32}
+
+
+def random_linear(bits: int, K: int, N: int, group: int, act_order: bool, device: torch.device,
+                  dtype: torch.dtype, seed: int) -> QuantLinear:
+    """A packed (N, K) linear with random codes, scales and zeros; act-order: groups of ``group`` columns
+    in a random column order (GPTQ's ``desc_act`` layout)."""
+    g = torch.Generator().manual_seed(seed)
+    maxq = 2**bits - 1
+    G = math.ceil(K / group)
+    g_idx = torch.arange(K) // group
+    if act_order:
+        g_idx = g_idx[torch.argsort(torch.randperm(K, generator=g))]
+    res = QuantResult(codes=torch.randint(0, maxq + 1, (N, K), generator=g, dtype=torch.uint8),
+                      scales=torch.rand(N, G, generator=g) * 0.02 + 1e-3,
+                      zeros=torch.randint(0, maxq + 1, (N, G), generator=g, dtype=torch.int32),
+                      g_idx=g_idx.to(torch.int32), bits=bits)
+    return QuantLinear.from_result(res, None, dtype, group_size=group).to(device)
+
+
+def copies_for(nbytes: int, device: torch.device) -> int:
+    """Weight copies whose bytes exceed twice the L2 cache (at least 2), so each product reads HBM."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return max(2, math.ceil(2 * l2 / nbytes))
+
+
+class Timer:
+    """Per-call times of ``fns`` (called in turn): GPU time from CUDA graph replays, or wall clock."""
+
+    def __init__(self, device: torch.device, reps: int = 10) -> None:
+        self.device, self.reps = device, reps
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def graph_us(self, fns: list[Callable[[], Any]], min_calls: int = 40) -> float:
+        if self.device.type != "cuda":
+            return self.wall_us(fns)
+        for f in fns:  # warm-up: compiles, prepares layouts, allocates on both streams
+            f()
+        with torch.cuda.stream(self.stream):
+            for f in fns:
+                f()
+        torch.cuda.synchronize(self.device)
+        rounds = max(1, math.ceil(min_calls / len(fns)))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            for _ in range(rounds):
+                for f in fns:
+                    f()
+        graph.replay()
+        times = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000.0)
+        del graph
+        return statistics.median(times) / (rounds * len(fns))
+
+    def eager_us(self, fns: list[Callable[[], Any]], calls: int = 50) -> float:
+        if self.device.type != "cuda":
+            return self.wall_us(fns)
+        for f in fns:
+            f()
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(calls):
+            fns[i % len(fns)]()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1000.0 / calls
+
+    def wall_us(self, fns: list[Callable[[], Any]]) -> float:
+        """Median wall clock of ``reps`` calls (the CPU: the smoke run, kernels interpreted, nothing to warm)."""
+        times = []
+        for i in range(self.reps):
+            t0 = time.perf_counter()
+            fns[i % len(fns)]()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e6
+
+
+def int4mm(lin: QuantLinear) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
+    """torch's tinygemm int4 kernel on ``lin``'s weight (4 bits, sorted groups), or (None, why not).
+
+    ``_convert_weight_to_int4pack(uint8 (N, K/2), innerKTiles)`` (torch ≥ 2.5: codes of even k in the
+    high nibble) and ``_weight_int4pack_mm(x, packed, group, scales_and_zeros (G, N, 2))`` computing
+    ``w = (q − 8)·scale + zero``, so ``zero = scale·(8 − z)`` for GPTQ's ``scale·(q − z)``."""
+    from quantizers.pack import unpack
+
+    if lin.bits != 4:
+        return None, "4 bits only"
+    codes, zeros, scales, g_idx = unpack(lin.packed(), 4, lin.in_features, lin.out_features, lin.checkpoint_format)
+    if not bool((g_idx[1:] >= g_idx[:-1]).all()):
+        return None, "needs contiguous groups (act-order off)"
+    group = lin.group_size or lin.in_features
+    try:
+        packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()  # (N, K/2)
+        packed = torch._convert_weight_to_int4pack(packed_u8, 8)
+        sz = torch.stack([scales, scales * (8 - zeros.float())], dim=2)  # (N, G, 2)
+        sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N, 2)
+        return (lambda x: torch._weight_int4pack_mm(x, packed, group, sz)), "torch._weight_int4pack_mm"
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        return None, f"torch int4 kernel unavailable: {str(exc).splitlines()[0][:120]}"
+
+
+def kernel_rows(device: torch.device, smoke: bool, timer: Timer, tg: Any | None) -> tuple[list[dict], list[str]]:
+    """The main table: one row per (shape, M, bits, act-order)."""
+    spec = SMOKE if smoke else {"shapes": SHAPES, "rows": ROWS, "bits": BITS, "group": GROUP}
+    dtype = torch.bfloat16
+    rows, notes = [], []
+    for K, N in spec["shapes"]:
+        dense = [torch.randn(N, K, device=device, dtype=dtype) * 0.02
+                 for _ in range(copies_for(2 * K * N, device))]
+        for M in spec["rows"]:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            bf16_fns = [lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense]
+            bf16 = timer.graph_us(bf16_fns)
+            bf16_eager = timer.eager_us(bf16_fns)
+            for bits in spec["bits"]:
+                for act in (False, True):
+                    base = random_linear(bits, K, N, spec["group"], act, device, dtype, seed=K + N + bits)
+                    lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
+                    row: dict[str, Any] = {"K×N": f"{K}×{N}", "M": M, "bits": bits, "act-order": act,
+                                           "bf16 µs": bf16}
+                    torch_fns = [lambda m=m, x=x: m(x) for m in lins]
+                    row["torch µs"] = timer.graph_us(torch_fns[:len(dense)])
+                    for m in lins:
+                        m.reset_cache()  # the torch path's float weights: not kept while the kernels run
+                    if tg is not None and tg.runs_on(device):
+                        row.update(triton_columns(tg, lins, x, timer, bf16, bf16_eager))
+                    if bits == 4 and not act:
+                        fn, why = int4mm(base)
+                        if fn is not None:
+                            try:
+                                err = rel_err(fn(x), x, base)
+                                if err > 2e-2:
+                                    raise RuntimeError(f"its result is off (relative error {err:.2g})")
+                                row["int4mm µs"] = timer.graph_us([lambda fn=fn, x=x: fn(x)])
+                                row["× int4mm"] = row["int4mm µs"] / row["triton µs"] if "triton µs" in row else None
+                            except RuntimeError as exc:
+                                why = f"torch int4 kernel left out: {str(exc).splitlines()[0][:120]}"
+                                fn = None
+                        if fn is None and why not in notes:
+                            notes.append(why)
+                    rows.append(row)
+                    del lins, base
+            del x
+        del dense
+    if tg is None:
+        notes.append("triton is not installed: kernel columns left out")
+    elif not tg.runs_on(device):
+        notes.append("the Triton kernels are compiled for CUDA: on the CPU set TRITON_INTERPRET=1 to interpret them")
+    return rows, notes
+
+
+def rel_err(y: torch.Tensor, x: torch.Tensor, lin: QuantLinear) -> float:
+    ref = x.float() @ lin.dequantize(torch.float32).to(x.device).t()
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def triton_columns(tg: Any, lins: list[QuantLinear], x: torch.Tensor, timer: Timer, bf16: float,
+                   bf16_eager: float) -> dict[str, Any]:
+    """Default config (what ``QuantLinear`` runs), the other kernel family, eager launches, error."""
+    M = x.shape[0]
+    for m in lins:
+        m.backend = "triton"
+    rts = [tg.runtime_of(m) for m in lins]
+    cfg = tg.default_config(M, lins[0].bits)
+    out: dict[str, Any] = {}
+    us = timer.graph_us([lambda rt=rt: tg.matmul(x, rt, None, cfg) for rt in rts])
+    out.update({"triton µs": us, "× bf16": bf16 / us, "config": tg.fit_config(cfg, rts[0])[0].name()})
+    if x.device.type == "cuda":
+        other = tg.default_config(16, lins[0].bits) if cfg.kernel == "gemv" else tg.GEMV_CONFIGS[lins[0].bits]
+        out[f"{other.kernel} µs"] = timer.graph_us([lambda rt=rt: tg.matmul(x, rt, None, other) for rt in rts])
+        # launched from Python one after another, through QuantLinear: the CPU's share shows here
+        out.update({"eager µs": timer.eager_us([lambda m=m: m(x) for m in lins]), "eager bf16 µs": bf16_eager})
+    out["rel err"] = rel_err(tg.matmul(x, rts[0], None, cfg), x, lins[0])
+    return out
+
+
+def tune_rows(device: torch.device, timer: Timer, tg: Any) -> list[dict]:
+    """Every alternative config on 4096×11008 (groups of 128), 3 and 4 bits, act-order off and on."""
+    K, N = 4096, 11008
+    dtype = torch.bfloat16
+    dense = [torch.randn(N, K, device=device, dtype=dtype) for _ in range(copies_for(2 * K * N, device))]
+    rows = []
+    for M, kernel in ((1, "gemv"), (16, "gemm")):
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        bf16 = timer.graph_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense])
+        for bits in (4, 3):
+            for act in (False, True):
+                base = random_linear(bits, K, N, GROUP, act, device, dtype, seed=bits)
+                lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
+                rts = [tg.runtime_of(m) for m in lins]
+                default = tg.default_config(M, bits)
+                for cfg in [default] + [c for c in tg.tune_configs(kernel, bits) if c != default]:
+                    try:
+                        us = timer.graph_us([lambda rt=rt, cfg=cfg, x=x: tg.matmul(x, rt, None, cfg) for rt in rts])
+                        err = rel_err(tg.matmul(x, rts[0], None, cfg), x, lins[0])
+                    except Exception as exc:  # a config that does not build here is reported, not fatal
+                        rows.append({"M": M, "bits": bits, "act-order": act, "config": cfg.name(),
+                                     "error": str(exc).splitlines()[0][:100]})
+                        continue
+                    rows.append({"M": M, "bits": bits, "act-order": act, "config": tg.fit_config(cfg, rts[0])[0].name(),
+                                 "default": cfg == default, "µs": us, "× bf16": bf16 / us, "rel err": err})
+                del lins, rts, base
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    from tabulate import tabulate
+
+    return tabulate(rows, headers="keys", tablefmt="github", floatfmt=".3g", missingval="–")
+
+
+def _load_kernels() -> Any | None:
+    try:
+        from quantizers.kernels import triton_gemm
+    except ImportError:
+        return None
+    return triton_gemm
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m harness.bench kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds long")
+    parser.add_argument("--tune", action="store_true", help="also time alternative tile configs (GPU)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(0)
+    tg = _load_kernels()
+    timer = Timer(device, reps=10 if device.type == "cuda" else 1)
+    rows, notes = kernel_rows(device, args.smoke, timer, tg)
+    timing = ("CUDA-graph replays over weight copies > 2× L2, median of 10, per product" if device.type == "cuda"
+              else "wall clock, median")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    header = f"kernels: bf16 activations, groups of {SMOKE['group'] if args.smoke else GROUP}, {name}; {timing}"
+    print(header)
+    print(_table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    tune: list[dict] = []
+    if args.tune and tg is not None and device.type == "cuda":
+        tune = tune_rows(device, timer, tg)
+        print("\ntune: 4096×11008, groups of 128 (µs per product; default = the config QuantLinear uses)")
+        print(_table(tune))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"header": header, "device": str(device), "timing": timing, "rows": rows, "tune": tune,
+                       "notes": notes, "versions": {"torch": torch.__version__,
+                                                    "triton": getattr(sys.modules.get("triton"), "__version__",
+                                                                      None)}}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

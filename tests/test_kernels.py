@@ -1,0 +1,340 @@
+"""The fused Triton product (``quantizers/kernels/triton_gemm.py``) against dequantize-then-matmul.
+
+On the CPU the kernels run under Triton's interpreter. ``TRITON_INTERPRET`` is read when Triton and the
+kernels are imported, so every kernel call runs in one child process started with it set, which saves
+its outputs to a file; the references and every assertion are computed here, from the same seeds. This
+process never imports the kernel module (importing it registers the ``triton`` backend), and a GPU
+session's child compiles the kernels for real. The sm_90 compile test needs no GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantizers.base import QuantResult
+from tests.test_pack import random_result
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+K, N = 96, 64  # 96 = 32·3 holds every bit width; groups of 64 leave a ragged last group of 32
+LAYOUTS = {  # group_size, act-order, irregular groups
+    "channel": (None, False, False),
+    "g32": (32, False, False),
+    "g64-ragged": (64, False, False),
+    "g32-act": (32, True, False),
+    "g64-act": (64, True, False),
+    "irregular-act": (None, True, True),
+}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # relative, to the float32 product
+# (name, config fields, rows of x): the defaults by M (every case), then tiles that exercise the other code
+# paths (one per case, in turn): no split-K, x read per element, prefetch, two rows, two row tiles
+RUNS = [
+    ("gemv", {}, 1),
+    ("gemm", {}, 5),
+    ("gemv-s1-noxsplit", {"kernel": "gemv", "bn": 64, "bk": 32, "split": 1, "xsplit": False}, 1),
+    ("gemv-prefetch", {"kernel": "gemv", "bn": 64, "bk": 64, "split": 2, "prefetch": True}, 2),
+    ("gemm-s1", {"kernel": "gemm", "bm": 16, "bn": 32, "split": 1}, 17),
+]
+
+
+def layout_result(bits: int, layout: str, seed: int) -> QuantResult:
+    gs, act, irregular = LAYOUTS[layout]
+    res = random_result(bits, K, N, gs, seed=seed, permuted=act)
+    if irregular:  # uneven groups in a shuffled order: the kernels gather scales per element
+        g = torch.Generator().manual_seed(seed)
+        G = 5
+        g_idx = torch.sort(torch.randint(0, G, (K,), generator=g)).values
+        g_idx[:G] = torch.arange(G)  # every group used
+        g_idx = g_idx[torch.randperm(K, generator=g)].to(torch.int32)
+        res = QuantResult(codes=res.codes, scales=torch.rand(N, G, generator=g) * 0.1 + 1e-3,
+                          zeros=torch.randint(0, 2**bits, (N, G), generator=g, dtype=torch.int32), g_idx=g_idx,
+                          bits=bits)
+    return res
+
+
+CASES = {f"{bits}-{layout}": (bits, layout) for bits in (2, 3, 4, 8) for layout in LAYOUTS}
+
+
+def case_runs(name: str) -> list[int]:
+    """Indices into RUNS of the runs of one case: both defaults and one of the others, in turn."""
+    return [0, 1, 2 + list(CASES).index(name) % (len(RUNS) - 2)]
+
+
+def case_inputs(name: str, run: int) -> tuple[QuantResult, torch.Tensor, torch.Tensor | None, torch.dtype]:
+    """The weight, x (M, K) and bias of one (case, run); the dtype rotates over cases and runs."""
+    bits, layout = CASES[name]
+    index = list(CASES).index(name)
+    res = layout_result(bits, layout, seed=index)
+    rows = RUNS[run][2]
+    dtype = DTYPES[(index + run) % len(DTYPES)]
+    g = torch.Generator().manual_seed(1000 + 10 * index + run)
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g) if (index + run) % 2 else None
+    return res, x, bias, dtype
+
+
+def reference(res: QuantResult, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x · Wᵀ + b in float32 with the weight as packed (scales rounded to float16, as stored)."""
+    y = x.float() @ module_of(res, None, torch.float32).dequantize(torch.float32).T  # (M, N)
+    return y + bias.float() if bias is not None else y
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def module_of(res: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype, checkpoint_format: str = "gptq"):
+    from quantizers.qlinear import QuantLinear
+
+    return QuantLinear.from_result(res, bias, dtype, checkpoint_format=checkpoint_format)
+
+
+# ------------------------------------------------------------------------------------------- children
+
+
+def interpreted_results(out: str) -> None:
+    """(child, TRITON_INTERPRET=1) every case through the kernels, the runtime layouts, a tiny model."""
+    from quantizers.kernels import triton_gemm as tg
+
+    assert tg.interpreted(), "the kernels are not interpreted"
+    results: dict = {"runs": {}, "layout_exact": {}, "paths": {}}
+    for name in CASES:
+        for run in case_runs(name):
+            label, fields, _ = RUNS[run]
+            res, x, bias, dtype = case_inputs(name, run)
+            m = module_of(res, bias, dtype, checkpoint_format="gptq_v2" if run == 1 else "gptq")
+            rt = tg.runtime_of(m)
+            cfg = tg.Config(**fields) if fields else None
+            results["runs"][(name, label)] = tg.matmul(x, rt, m.bias, cfg)
+            results["paths"][(name, label)] = rt.path
+        rt = tg.runtime_of(m)
+        results["layout_exact"][name] = bool(torch.equal(tg.unpack_runtime(rt), m.dequantize(torch.float32)))
+        results["perm"] = results.get("perm", {}) | {name: rt.perm is not None}
+    results["model"] = tiny_model_logits()
+    torch.save(results, out)
+
+
+def tiny_model_logits() -> dict:
+    """A one-layer LLaMA with every linear packed (4 bits, groups of 32, act-order): logits with the
+    torch backend and the triton backend, for a prompt (gemm) and one token (gemv)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import quantizers
+    from quantizers.qlinear import QuantLinear, kernel_paths
+    from quantizers.rtn import RTNConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    rtn = quantizers.get("rtn")
+    for name, lin in list(model.model.layers.named_modules()):
+        if isinstance(lin, torch.nn.Linear):
+            res = rtn.quantize(lin.weight.data, None, RTNConfig(bits=4, group_size=32))
+            perm = torch.randperm(lin.in_features, generator=torch.Generator().manual_seed(len(name)))
+            act_order = (torch.arange(lin.in_features) // 32)[torch.argsort(perm)].to(torch.int32)  # shuffled groups
+            res = QuantResult(codes=res.codes, scales=res.scales, zeros=res.zeros, g_idx=act_order, bits=4)
+            parent, attr = name.rsplit(".", 1)
+            setattr(model.model.layers.get_submodule(parent), attr,
+                    QuantLinear.from_result(res, None, torch.float32, group_size=32))
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    out = {}
+    with torch.inference_mode():
+        for backend in ("torch", "triton"):
+            for mod in model.modules():
+                if isinstance(mod, QuantLinear):
+                    mod.backend = backend
+            out[backend] = [model(ids).logits, model(ids[:, :1]).logits]
+            out[f"paths-{backend}"] = kernel_paths(model)
+    return out
+
+
+def compiled_results(out: str) -> None:
+    """(child, kernels compiled) LLaMA-7B shapes on CUDA through the default configs."""
+    from quantizers.kernels import triton_gemm as tg
+
+    assert not tg.interpreted(), "the kernels are interpreted"
+    results = {}
+    for name, (bits, K_, N_, gs, act, M, dtype) in GPU_CASES.items():
+        res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
+        m = module_of(res, None, dtype).cuda()
+        rt = tg.runtime_of(m)
+        y = tg.matmul(x.cuda(), rt, None)
+        results[name] = {"y": y.cpu(), "path": rt.path}
+    torch.save(results, out)
+
+
+GPU_CASES = {  # bits, K, N, group size, act-order, M, dtype
+    f"{bits}b-{K_}x{N_}-{'act' if act else 'seq'}-m{M}": (bits, K_, N_, 128, act, M, torch.bfloat16)
+    for bits in (2, 3, 4, 8) for (K_, N_) in ((4096, 11008),) for act in (False, True) for M in (1, 16)
+} | {"4b-11008x4096-act-m1": (4, 11008, 4096, 128, True, 1, torch.bfloat16),
+     "3b-11008x4096-act-m16": (3, 11008, 4096, 128, True, 16, torch.bfloat16),
+     "4b-4096x4096-channel-m1-fp16": (4, 4096, 4096, None, False, 1, torch.float16)}
+
+
+def gpu_inputs(bits, K_, N_, gs, act, M, dtype) -> tuple[QuantResult, torch.Tensor]:
+    seed = hash((bits, K_, N_, act, M)) % 2**31
+    res = random_result(bits, K_, N_, gs, seed=seed, permuted=act)
+    x = torch.randn(M, K_, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return res, x
+
+
+def run_child(entry: str, out: Path, interpret: bool, timeout: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    code = f"import sys; from tests.test_kernels import {entry}; {entry}(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{entry} failed in its child process:\n{proc.stderr[-4000:]}")
+    return torch.load(out, weights_only=False)
+
+
+# ------------------------------------------------------------------------------------- CPU (interpreter)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_child("interpreted_results", tmp_path_factory.mktemp("kernels") / "cpu.pt", True, 600)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreted_kernels_match_dequantize_then_matmul(interpreted, name):
+    for run in case_runs(name):
+        label, _, rows = RUNS[run]
+        res, x, bias, dtype = case_inputs(name, run)
+        y = interpreted["runs"][(name, label)]
+        assert y.shape == (rows, N) and y.dtype == dtype, (label, y.shape, y.dtype)
+        err = rel_err(y, reference(res, x, bias))
+        assert err < TOL[dtype], f"{name} {label} {dtype}: relative error {err:.2e}"
+        kernel = (RUNS[run][1].get("kernel") or ("gemv" if rows == 1 else "gemm"))
+        assert interpreted["paths"][(name, label)] == {"gemv": "triton-gemv-splitk",
+                                                        "gemm": "triton-gemm"}[kernel] + "-interpreted"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_runtime_layout_unpacks_to_the_checkpoint_weight(interpreted, name):
+    assert interpreted["layout_exact"][name]
+    _, layout = CASES[name]
+    assert interpreted["perm"][name] == LAYOUTS[layout][1]  # act-order: codes reordered, x gathered
+
+
+def test_a_wrong_convention_would_fail():
+    """The tolerances separate a right answer from the likeliest wrong ones: a zero off by one (the v1
+    ``zero − 1`` convention missed) and codes read one position off."""
+    for bits in (2, 3, 4, 8):
+        res = random_result(bits, K, N, 32, seed=bits)
+        x = torch.randn(1, K)
+        ref = x @ res.dequantize().T
+        off_zero = QuantResult(codes=res.codes, scales=res.scales, zeros=res.zeros + 1, g_idx=res.g_idx, bits=bits)
+        shifted = QuantResult(codes=res.codes.roll(1, dims=1), scales=res.scales, zeros=res.zeros, g_idx=res.g_idx,
+                              bits=bits)
+        for wrong in (off_zero, shifted):
+            assert rel_err(x @ wrong.dequantize().T, ref) > 10 * TOL[torch.float16]
+
+
+def test_tiny_model_logits_agree_across_backends(interpreted):
+    out = interpreted["model"]
+    for torch_logits, triton_logits in zip(out["torch"], out["triton"], strict=True):
+        assert rel_err(triton_logits, torch_logits.float()) < 1e-5
+    assert out["paths-torch"] == {"torch-dequant-cached": 7}
+    assert out["paths-triton"] == {"triton-gemv-splitk-interpreted": 7}  # the last call: one token
+
+
+def test_bench_kernels_smoke_prints_rows(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    out = tmp_path / "k.json"
+    proc = subprocess.run([sys.executable, "-m", "harness.bench", "kernels", "--smoke", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| K×N" in proc.stdout and "triton µs" in proc.stdout, proc.stdout
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert rows and all(r["torch µs"] > 0 for r in rows)
+    assert all(r["triton µs"] > 0 and r["rel err"] < 1e-2 for r in rows)  # the interpreter ran every row
+    assert {r["act-order"] for r in rows} == {False, True} and {r["M"] for r in rows} >= {1, 4}
+
+
+# ------------------------------------------------------------------------- sm_90, compiled without a GPU
+
+
+@pytest.mark.parametrize("kernel,bits", [("gemv", 4), ("gemv", 3), ("gemm", 4), ("gemm", 3)])
+def test_default_configs_compile_for_sm90_without_spills(kernel, bits, tmp_path):
+    """The default launch of each kernel (act-order, split-K, bias) compiled ahead of time for an
+    H100/H200, in a child that does not interpret: it builds, and keeps its registers (no local memory)."""
+    code = f"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from quantizers.kernels import triton_gemm as tg
+cfg = tg.default_config(1 if "{kernel}" == "gemv" else 16, {bits})
+per, words = tg.BLOCKS[{bits}]
+fn = tg._gemv_kernel if "{kernel}" == "gemv" else tg._gemm_kernel
+consts = dict(BITS={bits}, PER=per, WORDS=words, BB=max(cfg.bk // per, 16 if "{kernel}" == "gemm" else 1),
+              BN=cfg.bn, SPLIT=True, GROUPING=0, HAS_PERM=True, HAS_BIAS=True, EVEN_K=True, EVEN_N=True, HIGH=tg.HIGH,
+              stride_xk=1, stride_yn=1)
+if "{kernel}" == "gemv":
+    consts.update(XSPLIT=cfg.xsplit, LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch)
+else:
+    consts.update(BM=cfg.bm, DOT_F32=False, GROUPING=0 if 16 * per <= 128 else 1)
+ptr = {{"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "PERM": "*i32", "GIDX": "*i32", "BIAS": "*bf16",
+       "Y": "*bf16", "WS": "*fp32", "WSI": "*i32", "CNT": "*i32"}}
+sig = {{a: ptr.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}}
+aligned = set(ptr) | {{"N", "K", "M", "stride_xm", "stride_ym", "group_size"}}  # what the JIT sees at 7B shapes
+attrs = {{(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned and a not in consts}}
+try:
+    src = ASTSource(fn, sig, consts, attrs)
+except TypeError as e:
+    print(json.dumps({{"skip": str(e)}})); sys.exit(0)
+c = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={{"num_warps": cfg.num_warps,
+                                                                     "num_stages": cfg.num_stages}})
+open(sys.argv[1], "wb").write(c.asm["cubin"])
+print(json.dumps({{"ok": True}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    cubin = tmp_path / "k.cubin"
+    proc = subprocess.run([sys.executable, "-c", code, str(cubin)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in status:
+        pytest.skip(f"ASTSource: {status['skip']}")
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if cuobjdump.exists():
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True).stdout
+        assert "STACK:0 " in usage and "LOCAL:0 " in usage, usage
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_child("compiled_results", tmp_path_factory.mktemp("kernels") / "gpu.pt", False, 1200)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, name):
+    bits, K_, N_, gs, act, M, dtype = GPU_CASES[name]
+    res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
+    y = compiled[name]["y"]
+    assert y.dtype == dtype and y.shape == (M, N_)
+    assert rel_err(y, reference(res, x, None)) < TOL[dtype]
+    assert compiled[name]["path"] == ("triton-gemv-splitk" if M == 1 else "triton-gemm")
