@@ -37,7 +37,7 @@ imported); there ``tl.dot`` takes float32 operands (the interpreter has no bfloa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -365,6 +365,8 @@ class Runtime:
     group_size: int | None
     key: tuple = ()
     path: str = "triton"
+    plans: dict = field(default_factory=dict)  # launch plans by (rows, dtype, device, bias, config)
+    scratch: torch.Tensor | None = None  # a float32 stand-in for the workspace when nothing is split
 
 
 def _buffers_key(m: QuantLinear) -> tuple:
@@ -403,7 +405,8 @@ def prepare(m: QuantLinear) -> Runtime:
     g_sorted = g_idx[perm].to(torch.int32).contiguous()
     return Runtime(bits=bits, K=K, N=N, qweight=qweight, scales=m.scales.contiguous(),
                    zeros=zeros.t().to(torch.uint8).contiguous(), perm=perm_t, g_sorted=g_sorted,
-                   group_size=regular_group_size(g_sorted, m.n_groups), key=_buffers_key(m))
+                   group_size=regular_group_size(g_sorted, m.n_groups), key=_buffers_key(m),
+                   scratch=torch.zeros(1, dtype=torch.float32, device=qweight.device))
 
 
 def runtime_of(m: QuantLinear) -> Runtime:
@@ -549,6 +552,51 @@ def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
     return replace(cfg, bk=bk), int(grouping)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about one launch that depends on the rows, dtype and config but not on the tensors of
+    the call: built once per (M, dtype, bias, config) and kept on the :class:`Runtime`."""
+
+    kernel: object
+    grid: tuple[int, int, int]
+    fixed: dict
+    workspace: tuple[int, int]  # float32 words and counters of split-K scratch; (0, 0): none
+    path: str
+
+
+def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
+          config: Config | None) -> _Plan:
+    cfg, grouping = fit_config(config or default_config(M, rt.bits), rt)
+    K, N = rt.K, rt.N
+    per, words = BLOCKS[rt.bits]
+    n_tiles = triton.cdiv(N, cfg.bn)
+    m_tiles = M if cfg.kernel == "gemv" else triton.cdiv(M, cfg.bm)
+    k_tiles = triton.cdiv(K, cfg.bk)
+    programs = triton.cdiv(cfg.warps_per_sm * _sm_count(device), cfg.num_warps)
+    split = cfg.split or triton.cdiv(programs, n_tiles * m_tiles)
+    split = max(1, min(split, k_tiles))
+    tiles_per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty programs
+    fixed = dict(
+        QW=rt.qweight, S=rt.scales, Z=rt.zeros, PERM=rt.perm if rt.perm is not None else rt.g_sorted,
+        GIDX=rt.g_sorted, N=N, K=K, group_size=rt.group_size or K, tiles_per_split=tiles_per_split,
+        magic=int(MAGIC), HIGH=HIGH, BITS=rt.bits, PER=per, WORDS=words, BB=cfg.bk // per, BN=cfg.bn,
+        SPLIT=split > 1, GROUPING=grouping, HAS_PERM=rt.perm is not None, HAS_BIAS=has_bias,
+        EVEN_K=K % cfg.bk == 0, EVEN_N=N % cfg.bn == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if cfg.kernel == "gemv":
+        kernel = _gemv_kernel
+        fixed.update(XSPLIT=cfg.xsplit and cfg.bk >= 32 * cfg.num_warps,  # each thread gathers whole elements
+                     LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch)
+    elif cfg.kernel == "gemm":
+        kernel = _gemm_kernel
+        fixed.update(M=M, BM=cfg.bm, DOT_F32=interpreted() or dtype == torch.float32)
+    else:
+        raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or gemm)")
+    return _Plan(kernel, (n_tiles, split, m_tiles), fixed, (M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
+                 PATHS[cfg.kernel] + ("-interpreted" if interpreted() else ""))
+
+
 def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
            config: Config | None = None) -> torch.Tensor:
     """``x`` (M, K) float16 / bfloat16 / float32 times the dequantized ``W``ᵀ (K, N), plus ``bias`` (N,):
@@ -557,44 +605,21 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
     M, K = x.shape
     if K != rt.K:
         raise ValueError(f"x has {K} columns, the weight {rt.K} inputs")
-    N = rt.N
-    cfg, grouping = fit_config(config or default_config(M, rt.bits), rt)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, rt.N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    per, words = BLOCKS[rt.bits]
-    n_tiles = triton.cdiv(N, cfg.bn)
-    m_tiles = M if cfg.kernel == "gemv" else triton.cdiv(M, cfg.bm)
-    k_tiles = triton.cdiv(K, cfg.bk)
-    programs = triton.cdiv(cfg.warps_per_sm * _sm_count(x.device), cfg.num_warps)
-    split = cfg.split or triton.cdiv(programs, n_tiles * m_tiles)
-    split = max(1, min(split, k_tiles))
-    tiles_per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty programs
-    if split > 1:
-        ws, cnt = workspace(x.device, M * N, m_tiles * n_tiles)
+    key = (M, x.dtype, x.device, bias is not None, config)
+    plan = rt.plans.get(key)
+    if plan is None:
+        plan = rt.plans[key] = _plan(rt, M, x.dtype, x.device, bias is not None, config)
+    if plan.workspace[0]:
+        ws, cnt = workspace(x.device, *plan.workspace)
     else:
-        ws, cnt = torch.empty(0, device=x.device), rt.g_sorted  # not read
-    dummy = rt.g_sorted
-    args = dict(
-        X=x, stride_xm=x.stride(0), stride_xk=x.stride(1), QW=rt.qweight, S=rt.scales, Z=rt.zeros,
-        PERM=rt.perm if rt.perm is not None else dummy, GIDX=rt.g_sorted,
-        BIAS=bias if bias is not None else dummy, Y=y, stride_ym=y.stride(0), stride_yn=y.stride(1),
-        WS=ws, WSI=ws.view(torch.int32), CNT=cnt, N=N, K=K, group_size=rt.group_size or K,
-        tiles_per_split=tiles_per_split, magic=int(MAGIC), HIGH=HIGH,
-        BITS=rt.bits, PER=per, WORDS=words, BB=cfg.bk // per, BN=cfg.bn, SPLIT=split > 1, GROUPING=grouping,
-        HAS_PERM=rt.perm is not None, HAS_BIAS=bias is not None, EVEN_K=K % cfg.bk == 0, EVEN_N=N % cfg.bn == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    grid = (n_tiles, split, m_tiles)
-    if cfg.kernel == "gemv":
-        xsplit = cfg.xsplit and cfg.bk >= 32 * cfg.num_warps  # each thread gathers whole elements
-        _gemv_kernel[grid](XSPLIT=xsplit, LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, **args)
-    elif cfg.kernel == "gemm":
-        _gemm_kernel[grid](M=M, BM=cfg.bm, DOT_F32=interpreted() or x.dtype == torch.float32, **args)
-    else:
-        raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or gemm)")
-    rt.path = PATHS[cfg.kernel] + ("-interpreted" if interpreted() else "")
+        ws, cnt = rt.scratch, rt.g_sorted  # not read
+    plan.kernel[plan.grid](X=x, stride_xm=x.stride(0), stride_xk=x.stride(1), BIAS=bias if bias is not None else y,
+                           Y=y, stride_ym=y.stride(0), stride_yn=y.stride(1), WS=ws, WSI=ws.view(torch.int32),
+                           CNT=cnt, **plan.fixed)
+    rt.path = plan.path
     return y
 
 
