@@ -122,7 +122,10 @@ def tradeoff_tables(df: pd.DataFrame, metric: str = "ppl") -> list[Table]:
     tables = []
     for (model, dtype, ev), part in df.groupby(GROUP_BY, sort=False, dropna=False):
         datasets = _datasets(part, metric)
-        latency = next((c for c in part.columns if "latency" in c and part[c].notna().any()), None)
+        # decode ms/token with a KV cache at the smallest measured batch (eval.latency=true)
+        decode = sorted((int(m.group(1)), c) for c in part.columns
+                        if (m := re.fullmatch(r"latency/decode_bs(\d+)_ms_per_token", str(c))) and part[c].notna().any())
+        latency = decode[0][1] if decode else None
         part = part.sort_values("bits_per_weight", ascending=False, na_position="last", kind="stable")
         rows = []
         for _, r in part.iterrows():
@@ -134,11 +137,13 @@ def tradeoff_tables(df: pd.DataFrame, metric: str = "ppl") -> list[Table]:
                          _fmt(None if mib is None else mib / 2**20, "mib"),
                          _fmt(r.get(latency) if latency else None, "ms")]
                         + [_fmt(r.get(f"{ds}/{metric}"), metric) for ds in datasets])
-        columns = ["Method", "Bits", "Group", "Act-order", "Bits/weight", "Weights (MiB)",
-                   "Latency (ms)" if not latency else f"Latency ({latency})"]
+        columns = ["Method", "Bits", "Group", "Act-order", "Bits/weight", "Weights (MiB)", "Latency (ms)"]
         columns += [f"{ds} {metric}" for ds in datasets]
         notes = ["bits/weight counts one 16-bit scale and one bits-bit zero per group and row; weights (MiB) adds "
                  "the unquantized parameters at the model's dtype"] + _notes(part, metric, bold=False)
+        if latency:
+            notes.append(f"latency: decode ms/token with a KV cache at batch {decode[0][0]} "
+                         "(the record's latency/*_path names the kernel that ran)")
         tables.append(Table(name=_slug(f"tradeoff_{model}_{dtype}"), title=f"{model} ({dtype}) · trade-off · "
                             f"evaluation: {ev}",
                             columns=columns, rows=rows, label_columns=4, notes=notes))

@@ -189,3 +189,11 @@ def test_speed_study_runs_dense_baseline_and_packed_gptq(tmp_path):
     assert recs[0]["metrics"]["latency/prefill_path"] == "dense"
     assert recs[1]["metrics"]["latency/prefill_path"] != "dense"
     assert recs[1]["memory"]["weight_bytes"] < recs[0]["memory"]["weight_bytes"] / 3
+    # the report's trade-off table shows the decode latency at the smallest batch
+    from harness import report
+
+    tables = report.tradeoff_tables(report.select(results.load(tmp_path / "results")))
+    (table,) = tables
+    lat = [row[table.columns.index("Latency (ms)")] for row in table.rows]
+    assert all(v not in ("", "–") and float(v) > 0 for v in lat)
+    assert any("decode ms/token with a KV cache at batch 1" in n for n in table.notes)
