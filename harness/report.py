@@ -123,8 +123,9 @@ def tradeoff_tables(df: pd.DataFrame, metric: str = "ppl") -> list[Table]:
     for (model, dtype, ev), part in df.groupby(GROUP_BY, sort=False, dropna=False):
         datasets = _datasets(part, metric)
         # decode ms/token with a KV cache at the smallest measured batch (eval.latency=true)
+        pattern = re.compile(r"latency/decode_bs(\d+)_ms_per_token")
         decode = sorted((int(m.group(1)), c) for c in part.columns
-                        if (m := re.fullmatch(r"latency/decode_bs(\d+)_ms_per_token", str(c))) and part[c].notna().any())
+                        if (m := pattern.fullmatch(str(c))) and part[c].notna().any())
         latency = decode[0][1] if decode else None
         part = part.sort_values("bits_per_weight", ascending=False, na_position="last", kind="stable")
         rows = []
