@@ -231,16 +231,17 @@ def test_runtime_layout_unpacks_to_the_checkpoint_weight(interpreted, name):
 
 def test_a_wrong_convention_would_fail():
     """The tolerances separate a right answer from the likeliest wrong ones: a zero off by one (the v1
-    ``zero − 1`` convention missed) and codes read one position off."""
+    ``zero − 1`` convention missed) and codes read one position off. (At 8 bits a zero off by one moves the
+    product by about 1 %: the float16 and float32 runs, in turn with bfloat16 over the cases, catch it.)"""
     for bits in (2, 3, 4, 8):
         res = random_result(bits, K, N, 32, seed=bits)
-        x = torch.randn(1, K)
+        x = torch.randn(1, K, generator=torch.Generator().manual_seed(bits))
         ref = x @ res.dequantize().T
         off_zero = QuantResult(codes=res.codes, scales=res.scales, zeros=res.zeros + 1, g_idx=res.g_idx, bits=bits)
         shifted = QuantResult(codes=res.codes.roll(1, dims=1), scales=res.scales, zeros=res.zeros, g_idx=res.g_idx,
                               bits=bits)
         for wrong in (off_zero, shifted):
-            assert rel_err(x @ wrong.dequantize().T, ref) > 10 * TOL[torch.float16]
+            assert rel_err(x @ wrong.dequantize().T, ref) > 5 * TOL[torch.float16]
 
 
 def test_tiny_model_logits_agree_across_backends(interpreted):
