@@ -11,8 +11,8 @@ Timing: GPU time of a CUDA graph that replays the product over enough weight cop
 twice the L2 cache (a decode step reads each layer's weight once, from HBM), median of 10 replays after a
 warm-up, divided by the products in the graph; CUDA events. ``eager`` columns time the same products
 launched from Python (CPU launch cost included). ``rel err``: the Triton output against the float32
-product with the dequantized weight. ``--tune`` also times alternative tile configs of both kernels on
-4096×11008 (3 and 4 bits) and prints them, to refine ``GEMV_CONFIGS`` / ``default_config``.
+product with the dequantized weight. ``--tune`` (instead of the table) times alternative tile configs of both
+kernels on 4096×11008 (3 and 4 bits) and prints them, to refine ``GEMV_CONFIGS`` / ``default_config``.
 ``--smoke``: tiny shapes on the CPU (the kernels run only where Triton's interpreter is on:
 ``TRITON_INTERPRET=1``), seconds long, wall-clock medians.
 """
@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from quantizers.base import QuantResult
 from quantizers.qlinear import QuantLinear
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): attention, up/gate, down projections
@@ -42,19 +41,21 @@ SMOKE = {"shapes": [(64, 64)], "rows": (1, 4), "bits": (3, 4), "group": 32}
 
 def random_linear(bits: int, K: int, N: int, group: int, act_order: bool, device: torch.device,
                   dtype: torch.dtype, seed: int) -> QuantLinear:
-    """A packed (N, K) linear with random codes, scales and zeros; act-order: groups of ``group`` columns
-    in a random column order (GPTQ's ``desc_act`` layout)."""
-    g = torch.Generator().manual_seed(seed)
-    maxq = 2**bits - 1
+    """A packed (N, K) linear filled on ``device`` with random words (every bit pattern is a valid code
+    stream and zero-point set), random scales and, with act-order, groups of ``group`` columns in a random
+    column order (GPTQ's ``desc_act`` layout)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     G = math.ceil(K / group)
-    g_idx = torch.arange(K) // group
+    m = QuantLinear(bits, K, N, G, bias=False, dtype=dtype, group_size=group).to(device)
+    for buf in (m.qweight, m.qzeros):
+        words = torch.randint(-2**31, 2**31, buf.shape, generator=g, device=device, dtype=torch.int64)
+        buf.copy_(words.to(torch.int32))
+    m.scales.copy_(torch.rand(m.scales.shape, generator=g, device=device) * 0.02 + 1e-3)
+    g_idx = torch.arange(K, device=device) // group
     if act_order:
-        g_idx = g_idx[torch.argsort(torch.randperm(K, generator=g))]
-    res = QuantResult(codes=torch.randint(0, maxq + 1, (N, K), generator=g, dtype=torch.uint8),
-                      scales=torch.rand(N, G, generator=g) * 0.02 + 1e-3,
-                      zeros=torch.randint(0, maxq + 1, (N, G), generator=g, dtype=torch.int32),
-                      g_idx=g_idx.to(torch.int32), bits=bits)
-    return QuantLinear.from_result(res, None, dtype, group_size=group).to(device)
+        g_idx = g_idx[torch.argsort(torch.randperm(K, generator=g, device=device))]
+    m.g_idx.copy_(g_idx)
+    return m
 
 
 def copies_for(nbytes: int, device: torch.device) -> int:
@@ -147,54 +148,68 @@ def int4mm(lin: QuantLinear) -> tuple[Callable[[torch.Tensor], torch.Tensor] | N
         return None, f"torch int4 kernel unavailable: {str(exc).splitlines()[0][:120]}"
 
 
-def kernel_rows(device: torch.device, smoke: bool, timer: Timer, tg: Any | None) -> tuple[list[dict], list[str]]:
+def kernel_rows(device: torch.device, smoke: bool, timer: Timer, tg: Any | None,
+                shapes: list[tuple[int, int]] | None = None,
+                bits: list[int] | None = None) -> tuple[list[dict], list[str]]:
     """The main table: one row per (shape, M, bits, act-order)."""
-    spec = SMOKE if smoke else {"shapes": SHAPES, "rows": ROWS, "bits": BITS, "group": GROUP}
+    spec = dict(SMOKE if smoke else {"shapes": SHAPES, "rows": ROWS, "bits": BITS, "group": GROUP})
+    spec["shapes"] = shapes or spec["shapes"]
+    spec["bits"] = bits or spec["bits"]
     dtype = torch.bfloat16
     rows, notes = [], []
     for K, N in spec["shapes"]:
         dense = [torch.randn(N, K, device=device, dtype=dtype) * 0.02
                  for _ in range(copies_for(2 * K * N, device))]
-        for M in spec["rows"]:
-            x = torch.randn(M, K, device=device, dtype=dtype)
-            bf16_fns = [lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense]
-            bf16 = timer.graph_us(bf16_fns)
-            bf16_eager = timer.eager_us(bf16_fns)
-            for bits in spec["bits"]:
-                for act in (False, True):
-                    base = random_linear(bits, K, N, spec["group"], act, device, dtype, seed=K + N + bits)
-                    lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
+        xs = {M: torch.randn(M, K, device=device, dtype=dtype) for M in spec["rows"]}
+        bf16 = {}
+        for M, x in xs.items():
+            fns = [lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense]
+            bf16[M] = (timer.graph_us(fns), timer.eager_us(fns))
+        for bits in spec["bits"]:
+            for act in (False, True):
+                base = random_linear(bits, K, N, spec["group"], act, device, dtype, seed=K + N + bits)
+                lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
+                int4 = int4mm_copies(lins, xs[spec["rows"][0]], notes) if bits == 4 and not act else None
+                for M, x in xs.items():
                     row: dict[str, Any] = {"K×N": f"{K}×{N}", "M": M, "bits": bits, "act-order": act,
-                                           "bf16 µs": bf16}
-                    torch_fns = [lambda m=m, x=x: m(x) for m in lins]
-                    row["torch µs"] = timer.graph_us(torch_fns[:len(dense)])
+                                           "bf16 µs": bf16[M][0], "bf16 GB/s": 2 * K * N / bf16[M][0] / 1e3}
+                    for m in lins:
+                        m.backend = "torch"
+                    row["torch µs"] = timer.graph_us([lambda m=m, x=x: m(x) for m in lins[:len(dense)]])
                     for m in lins:
                         m.reset_cache()  # the torch path's float weights: not kept while the kernels run
                     if tg is not None and tg.runs_on(device):
-                        row.update(triton_columns(tg, lins, x, timer, bf16, bf16_eager))
-                    if bits == 4 and not act:
-                        fn, why = int4mm(base)
-                        if fn is not None:
-                            try:
-                                err = rel_err(fn(x), x, base)
-                                if err > 2e-2:
-                                    raise RuntimeError(f"its result is off (relative error {err:.2g})")
-                                row["int4mm µs"] = timer.graph_us([lambda fn=fn, x=x: fn(x)])
-                                row["× int4mm"] = row["int4mm µs"] / row["triton µs"] if "triton µs" in row else None
-                            except RuntimeError as exc:
-                                why = f"torch int4 kernel left out: {str(exc).splitlines()[0][:120]}"
-                                fn = None
-                        if fn is None and why not in notes:
-                            notes.append(why)
+                        row.update(triton_columns(tg, lins, x, timer, *bf16[M]))
+                    if int4:
+                        row["int4mm µs"] = timer.graph_us([lambda f=f, x=x: f(x) for f in int4])
+                        if "triton µs" in row:
+                            row["× int4mm"] = row["int4mm µs"] / row["triton µs"]
                     rows.append(row)
-                    del lins, base
-            del x
-        del dense
+                del lins, base, int4
+        del dense, xs
     if tg is None:
         notes.append("triton is not installed: kernel columns left out")
     elif not tg.runs_on(device):
         notes.append("the Triton kernels are compiled for CUDA: on the CPU set TRITON_INTERPRET=1 to interpret them")
+    order = {shape: i for i, shape in enumerate(f"{K}×{N}" for K, N in spec["shapes"])}
+    rows.sort(key=lambda r: (order[r["K×N"]], r["M"], r["bits"], r["act-order"]))
     return rows, notes
+
+
+def int4mm_copies(lins: list[QuantLinear], x: torch.Tensor, notes: list[str]) -> list | None:
+    """torch's int4 kernel on every copy (checked once against the float32 product), or None with a note."""
+    fn, why = int4mm(lins[0])
+    if fn is not None:
+        try:
+            err = rel_err(fn(x), x, lins[0])
+            if err > 2e-2:
+                raise RuntimeError(f"its result is off (relative error {err:.2g})")
+            return [fn] + [int4mm(m)[0] for m in lins[1:]]
+        except RuntimeError as exc:
+            why = f"torch int4 kernel left out: {str(exc).splitlines()[0][:120]}"
+    if why not in notes:
+        notes.append(why)
+    return None
 
 
 def rel_err(y: torch.Tensor, x: torch.Tensor, lin: QuantLinear) -> float:
@@ -212,7 +227,9 @@ def triton_columns(tg: Any, lins: list[QuantLinear], x: torch.Tensor, timer: Tim
     cfg = tg.default_config(M, lins[0].bits)
     out: dict[str, Any] = {}
     us = timer.graph_us([lambda rt=rt: tg.matmul(x, rt, None, cfg) for rt in rts])
-    out.update({"triton µs": us, "× bf16": bf16 / us, "config": tg.fit_config(cfg, rts[0])[0].name()})
+    nbytes = sum(t.numel() * t.element_size() for t in (rts[0].qweight, rts[0].scales, rts[0].zeros))
+    out.update({"triton µs": us, "× bf16": bf16 / us, "triton GB/s": nbytes / us / 1e3,
+                "config": tg.fit_config(cfg, rts[0])[0].name()})
     if x.device.type == "cuda":
         other = tg.default_config(16, lins[0].bits) if cfg.kernel == "gemv" else tg.GEMV_CONFIGS[lins[0].bits]
         out[f"{other.kernel} µs"] = timer.graph_us([lambda rt=rt: tg.matmul(x, rt, None, other) for rt in rts])
@@ -223,7 +240,8 @@ def triton_columns(tg: Any, lins: list[QuantLinear], x: torch.Tensor, timer: Tim
 
 
 def tune_rows(device: torch.device, timer: Timer, tg: Any) -> list[dict]:
-    """Every alternative config on 4096×11008 (groups of 128), 3 and 4 bits, act-order off and on."""
+    """Every alternative config on 4096×11008 (groups of 128), 3 and 4 bits, act-order off (the main
+    table compares act-order on and off with the defaults)."""
     K, N = 4096, 11008
     dtype = torch.bfloat16
     dense = [torch.randn(N, K, device=device, dtype=dtype) for _ in range(copies_for(2 * K * N, device))]
@@ -232,7 +250,7 @@ def tune_rows(device: torch.device, timer: Timer, tg: Any) -> list[dict]:
         x = torch.randn(M, K, device=device, dtype=dtype)
         bf16 = timer.graph_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense])
         for bits in (4, 3):
-            for act in (False, True):
+            for act in (False,):
                 base = random_linear(bits, K, N, GROUP, act, device, dtype, seed=bits)
                 lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
                 rts = [tg.runtime_of(m) for m in lins]
@@ -270,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.bench kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds long")
-    parser.add_argument("--tune", action="store_true", help="also time alternative tile configs (GPU)")
+    parser.add_argument("--tune", action="store_true",
+                        help="instead of the table, time every alternative tile config on 4096×11008 (GPU)")
+    parser.add_argument("--shapes", default=None, help="K×N list to run, e.g. 4096x11008,11008x4096 (default all)")
+    parser.add_argument("--bits", default=None, help="bit widths to run, e.g. 3,4 (default 2,3,4,8)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -282,20 +303,30 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     tg = _load_kernels()
     timer = Timer(device, reps=10 if device.type == "cuda" else 1)
-    rows, notes = kernel_rows(device, args.smoke, timer, tg)
     timing = ("CUDA-graph replays over weight copies > 2× L2, median of 10, per product" if device.type == "cuda"
               else "wall clock, median")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    header = f"kernels: bf16 activations, groups of {SMOKE['group'] if args.smoke else GROUP}, {name}; {timing}"
-    print(header)
-    print(_table(rows))
-    for note in notes:
-        print(f"note: {note}")
+    rows: list[dict] = []
     tune: list[dict] = []
-    if args.tune and tg is not None and device.type == "cuda":
+    notes: list[str] = []
+    if args.tune:
+        if tg is None or device.type != "cuda":
+            print("error: --tune times the compiled kernels: it needs Triton and a CUDA GPU", file=sys.stderr)
+            return 2
+        header = f"kernels --tune: 4096×11008, bf16 activations, groups of {GROUP}, act-order off, {name}; {timing}"
         tune = tune_rows(device, timer, tg)
-        print("\ntune: 4096×11008, groups of 128 (µs per product; default = the config QuantLinear uses)")
+        print(header)
         print(_table(tune))
+    else:
+        header = f"kernels: bf16 activations, groups of {SMOKE['group'] if args.smoke else GROUP}, {name}; {timing}"
+        shapes = [tuple(int(v) for v in sh.lower().replace("×", "x").split("x")) for sh in args.shapes.split(",")] \
+            if args.shapes else None
+        bits = [int(b) for b in args.bits.split(",")] if args.bits else None
+        rows, notes = kernel_rows(device, args.smoke, timer, tg, shapes, bits)
+        print(header)
+        print(_table(rows))
+        for note in notes:
+            print(f"note: {note}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"header": header, "device": str(device), "timing": timing, "rows": rows, "tune": tune,
