@@ -1,39 +1,43 @@
 """``y = x Wᵀ (+ b)`` with ``W`` GPTQ-packed (2, 3, 4, 8 bits), dequantized on the fly inside the product.
 
-Importing this module registers the ``"triton"`` backend of :class:`~quantizers.qlinear.QuantLinear`.
+Importing this module registers the ``"triton"`` backend of :class:`~quantizers.qlinear.QuantLinear`
+(``path``: ``triton-gemv-splitk`` or ``triton-gemm``, whichever ran last).
 
-**Runtime layout** (:class:`Runtime`, built once per module by :func:`prepare`, the checkpoint layout
+**Runtime layout** (:class:`Runtime`, built once per module by :func:`prepare`; the checkpoint layout
 stays the export format):
 
 * codes: the GPTQ ``qweight`` stream itself, packed along ``in`` (2/4/8 bits: 16/8/4 whole codes per
-  int32; 3 bits: 32 codes in 3 words, codes 10 and 21 straddling), in *sorted-group* order. Without
-  act-order ``g_idx`` is already sorted and the module's own ``qweight`` is used, no copy.
-* act-order: ``perm = argsort(g_idx, stable)``; the code rows are repacked in that order and the kernel
-  reads ``x[:, perm[k]]`` instead of ``x[:, k]``: the same sum, but every group is a contiguous run of
-  ``k``, so a tile of ``k`` needs one scale and one zero per column instead of one per element.
-* ``scales`` (G, out) float16: the module's buffer. ``zeros`` (G, out) uint8: unpacked once (v1's
+  int32; 3 bits: blocks of 32 codes in 3 words, codes 10 and 21 straddling), in *sorted-group* order.
+  Without act-order ``g_idx`` is already sorted and the module's own ``qweight`` is used, no copy.
+* act-order: ``perm = argsort(g_idx, stable)``; the code rows are repacked in that order and the kernels
+  read ``x[:, perm[k]]`` instead of ``x[:, k]``: the same sum, but every group is a contiguous run of
+  ``k``, so a tile needs one scale and one zero per column instead of one per element.
+* ``scales`` (G, out) float16: the module's buffer. ``zeros`` (G, out) uint8, unpacked once (v1's
   ``zero − 1`` convention undone).
 
-**Dequantization**: ``(code | 0x4B000000)`` read as a float32 is ``2²³ + code`` exactly, so
-``f − (2²³ + zero)`` gives ``code − zero`` with one integer op and one float subtraction (no slow
-int→float conversion). With one group per tile the scale is applied once per packed word (GEMV) or
-once per tile (GEMM): ``Σ_k x_k s (q_k − z) = s Σ_k x_k (q_k − z)``. Accumulation is float32; the
-output has ``x``'s dtype.
+**Dequantization** (:func:`_code`): a code at bits ``p .. p + bits`` of a word with ``p + bits ≤ 23`` is
+masked in place and or-ed with the float32 exponent of ``2**(23 − p)``: the float reads
+``2**(23 − p) + code`` exactly, so one and-or plus one subtraction of ``2**(23 − p) + zero`` gives
+``code − zero`` (no shift, no int→float conversion); codes above bit 23 are read the same way from the
+word shifted right by 12. The scale comes once per packed word (GEMV) or once per tile (GEMM):
+``Σ_k x_k s (q_k − z) = s Σ_k x_k (q_k − z)``. Accumulation is float32; the output has ``x``'s dtype.
 
-**Kernels** (picked by the row count ``M`` of ``x``):
+**Kernels** (picked by the row count ``M`` of ``x``; :func:`default_config`):
 
-* ``gemv`` (``M ≤ GEMV_MAX_M``): one row of ``x`` per program, CUDA-core FMAs on a (words, columns)
-  tile, split-K over enough programs to fill the GPU.
-* ``gemm`` (larger ``M``): (BM, BK) × (BK, BN) ``tl.dot`` tiles on tensor cores, the (BK, BN) weight
-  tile dequantized in registers, optional split-K.
+* ``gemv`` (``M ≤ GEMV_MAX_M``): one row of ``x`` per program, CUDA-core FMAs on (blocks, columns)
+  tiles of packed words, the tile's ``x`` (gathered under act-order) read once per program and shared
+  through shared memory; split-K over enough programs to fill the GPU.
+* ``gemm`` (larger ``M``): per code position one ``tl.dot`` of (BM, 16 blocks) ``x`` columns with the
+  (16 blocks, BN) codes dequantized in registers (tensor cores), optional split-K.
 
-Split-K partial sums meet in a float32 workspace by atomic adds; the last program of a tile (an
-atomic counter says which) reads the sum back, zeroing the workspace and the counter as it goes,
-and writes the output, so one launch does everything and the workspace stays zero between launches.
-One workspace per (device, stream).
+Split-K partial sums meet in a float32 workspace by atomic adds; the last program of a tile (an atomic
+counter says which) reads the sum back, zeroing the workspace and the counter as it goes, and writes
+the output: one launch, and the workspace stays zero between launches. One workspace per (device,
+stream); the sum's order varies, so results can differ in the last bits from run to run.
 
 Both kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before Triton is
-imported); there ``tl.dot`` takes float32 operands (the interpreter has no bfloat16 matmul).
+imported); there ``tl.dot`` takes float32 operands (the interpreter has no bfloat16 matmul) and
+float32 → bfloat16 rounds toward zero (compiled: to nearest).
 """
 from __future__ import annotations
 
@@ -48,7 +52,6 @@ from quantizers.qlinear import Backend, QuantLinear, register_backend
 
 BLOCKS = {2: (16, 1), 3: (32, 3), 4: (8, 1), 8: (4, 1)}  # bits → (codes, int32 words) of one packed block
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC | q) reads as 2**23 + q
-TWO23: tl.constexpr = tl.constexpr(8388608.0)
 HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there (a kernel constexpr)
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
 PATHS = {"gemv": "triton-gemv-splitk", "gemm": "triton-gemm"}
@@ -151,11 +154,13 @@ def _finish(acc, y_ptrs, ws_ptrs, wsi_ptrs, cnt_ptr, mask, bias, SPLIT: tl.const
     float32, ``wsi_ptrs`` the same words as int32) instead and let the last of the K-split programs of
     this tile (counted on ``cnt_ptr``) write the total."""
     if SPLIT:
-        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's add is issued before the counter moves
+        # acq_rel everywhere (a fence per thread and program, nothing per element): every thread's add is
+        # visible before the barrier lets thread 0 move the counter, and the last program reads after it
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="acq_rel")
+        tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
         last = done == tl.num_programs(1) - 1
-        total = tl.atomic_xchg(wsi_ptrs, tl.zeros_like(acc).to(tl.int32), mask=mask & last, sem="relaxed")
+        total = tl.atomic_xchg(wsi_ptrs, tl.zeros_like(acc).to(tl.int32), mask=mask & last, sem="acq_rel")
         acc = tl.where(mask & last, total.to(tl.float32, bitcast=True), 0.0)  # read and re-zeroed in one step
         tl.atomic_xchg(cnt_ptr, 0, mask=last)
         mask = mask & last
