@@ -122,7 +122,7 @@ def interpreted_results(out: str) -> None:
     torch.save(results, out)
 
 
-def tiny_model_logits() -> dict:
+def tiny_model_logits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """A one-layer LLaMA with every linear packed (4 bits, groups of 32, act-order): logits with the
     torch backend and the triton backend, for a prompt (gemm) and one token (gemv)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -144,15 +144,16 @@ def tiny_model_logits() -> dict:
             res = QuantResult(codes=res.codes, scales=res.scales, zeros=res.zeros, g_idx=act_order, bits=4)
             parent, attr = name.rsplit(".", 1)
             setattr(model.model.layers.get_submodule(parent), attr,
-                    QuantLinear.from_result(res, None, torch.float32, group_size=32))
-    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+                    QuantLinear.from_result(res, None, dtype, group_size=32))
+    model = model.to(device=device, dtype=dtype)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1)).to(device)
     out = {}
     with torch.inference_mode():
         for backend in ("torch", "triton"):
             for mod in model.modules():
                 if isinstance(mod, QuantLinear):
                     mod.backend = backend
-            out[backend] = [model(ids).logits, model(ids[:, :1]).logits]
+            out[backend] = [model(ids).logits.float().cpu(), model(ids[:, :1]).logits.float().cpu()]
             out[f"paths-{backend}"] = kernel_paths(model)
     return out
 
@@ -169,6 +170,7 @@ def compiled_results(out: str) -> None:
         rt = tg.runtime_of(m)
         y = tg.matmul(x.cuda(), rt, None)
         results[name] = {"y": y.cpu(), "path": rt.path}
+    results["model"] = tiny_model_logits("cuda", torch.float16)
     torch.save(results, out)
 
 
@@ -339,3 +341,11 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     assert y.dtype == dtype and y.shape == (M, N_)
     assert rel_err(y, reference(res, x, None)) < TOL[dtype]
     assert compiled[name]["path"] == ("triton-gemv-splitk" if M == 1 else "triton-gemm")
+
+
+@pytest.mark.gpu
+def test_compiled_tiny_model_logits_agree_across_backends(compiled):
+    out = compiled["model"]
+    for torch_logits, triton_logits in zip(out["torch"], out["triton"], strict=True):
+        assert rel_err(triton_logits, torch_logits) < 1e-2  # float16 model: float32 sums against cuBLAS's
+    assert out["paths-triton"] == {"triton-gemv-splitk": 7}
