@@ -175,7 +175,7 @@ BLOCK: tl.constexpr = tl.constexpr(1)
 ELEMENT: tl.constexpr = tl.constexpr(2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split"])  # 1 or more: one compiled kernel
 def _gemv_kernel(
     X, stride_xm, stride_xk,  # (M, K) activations
     QW,  # (K·bits/32, N) int32 packed codes, sorted-group order
@@ -267,7 +267,7 @@ def _gemv_kernel(
             CNT + m * tl.num_programs(0) + pid_n, n_ok, bias, SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split"])  # 1 or more: one compiled kernel
 def _gemm_kernel(
     X, stride_xm, stride_xk, QW, S, Z, PERM, GIDX, BIAS, Y, stride_ym, stride_yn, WS, WSI, CNT,
     M, N, K, group_size, tiles_per_split, magic,
