@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,20 @@ def tiny_model(name: str):
 
     cfg = compose(f"model={name}")
     return load_model(cfg.model, cache_dir=None)
+
+
+def run_child(module: str, entry: str, out: Path, interpret: bool, timeout: int) -> dict:
+    """Call ``tests.<module>.<entry>(out)`` in a fresh Python process and load what it saved to ``out``.
+
+    Triton reads ``TRITON_INTERPRET`` when it is first imported, so the interpreter (CPU) and the
+    compiled kernels (GPU) each need a process of their own, apart from the test session's."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    code = f"import sys; from tests.{module} import {entry}; {entry}(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{entry} failed in its child process:\n{proc.stderr[-4000:]}")
+    return torch.load(out, weights_only=False)

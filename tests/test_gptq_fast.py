@@ -8,9 +8,7 @@ kernel. The torch path and every assertion run here.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +16,11 @@ import torch
 
 from quantizers.base import n_groups
 from quantizers.gptq import GPTQConfig, quantize, quantize_shared
+from tests.conftest import run_child
 from tests.test_gptq import make_problem, seed_of
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS, COLS, DEAD = 12, 72, (5, 61)  # 72 columns: groups of 32 leave a ragged last group of 8; 12 rows: a
 # partly masked program (8 or 16 rows a program)
 VARIANTS = {  # block sizes chosen so that groups start mid-block, at block starts and across blocks
@@ -122,22 +120,10 @@ def compiled_results(out: str) -> None:
     torch.save(results, out)
 
 
-def run_child(entry: str, out: Path, interpret: bool, timeout: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    code = f"import sys; from tests.test_gptq_fast import {entry}; {entry}(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        pytest.fail(f"{entry} failed in its child process:\n{proc.stderr[-4000:]}")
-    return torch.load(out)
-
-
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_child("interpreted_results", tmp_path_factory.mktemp("gptq_fast") / "cpu.pt", True, 600)
+    out = tmp_path_factory.mktemp("gptq_fast") / "cpu.pt"
+    return run_child("test_gptq_fast", "interpreted_results", out, True, 600)
 
 
 def assert_agree(fast: dict, ref, min_same: float = 1.0) -> float:
@@ -267,7 +253,7 @@ def gpu_problem(name: str) -> tuple[torch.Tensor, torch.Tensor, GPTQConfig]:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_child("compiled_results", tmp_path_factory.mktemp("gptq_fast") / "gpu.pt", False, 1200)
+    return run_child("test_gptq_fast", "compiled_results", tmp_path_factory.mktemp("gptq_fast") / "gpu.pt", False, 1200)
 
 
 @pytest.mark.gpu

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from quantizers.base import QuantResult
+from tests.conftest import ROOT, run_child
 from tests.test_pack import random_result
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 K, N = 96, 64  # 96 = 32·3 holds every bit width; groups of 64 leave a ragged last group of 32
 LAYOUTS = {  # group_size, act-order, irregular groups
     "channel": (None, False, False),
@@ -189,25 +189,12 @@ def gpu_inputs(bits, K_, N_, gs, act, M, dtype) -> tuple[QuantResult, torch.Tens
     return res, x
 
 
-def run_child(entry: str, out: Path, interpret: bool, timeout: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    code = f"import sys; from tests.test_kernels import {entry}; {entry}(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        pytest.fail(f"{entry} failed in its child process:\n{proc.stderr[-4000:]}")
-    return torch.load(out, weights_only=False)
-
-
 # ------------------------------------------------------------------------------------- CPU (interpreter)
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_child("interpreted_results", tmp_path_factory.mktemp("kernels") / "cpu.pt", True, 600)
+    return run_child("test_kernels", "interpreted_results", tmp_path_factory.mktemp("kernels") / "cpu.pt", True, 600)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -329,7 +316,7 @@ print(json.dumps({{"ok": True}}))
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_child("compiled_results", tmp_path_factory.mktemp("kernels") / "gpu.pt", False, 1200)
+    return run_child("test_kernels", "compiled_results", tmp_path_factory.mktemp("kernels") / "gpu.pt", False, 1200)
 
 
 @pytest.mark.gpu
