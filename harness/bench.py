@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from harness.adapters import adapter_for
+from harness.latency import time_call
 from harness.perplexity import perplexity
 from harness.pipeline import quantize_model
 
@@ -131,13 +132,7 @@ def matmul_rate(device: torch.device, smoke: bool) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    times = []
-    for _ in range(10):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    times = [time_call(lambda: a @ b, device) for _ in range(10)]
     return 2 * n**3 / statistics.median(times)
 
 
