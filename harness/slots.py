@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +67,33 @@ def device_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def occupancy(records: Iterable[dict]) -> dict:
+    """How a sweep used the devices, read from its records.
+
+    Per GPU (by UUID; by slot where jobs ran without one, as on a CPU): the jobs and busy seconds.
+    Also every pair of jobs that overlapped in time on one GPU, the span from the first start to the
+    last finish, and the sum of the jobs' own times. Records without a slot (runs outside a pooled
+    sweep) are left out."""
+    from datetime import datetime
+
+    jobs = []
+    for r in records:
+        slot = r.get("slot")
+        if not slot or not r.get("started_at") or not r.get("finished_at"):
+            continue
+        start = datetime.fromisoformat(r["started_at"]).timestamp()
+        end = datetime.fromisoformat(r["finished_at"]).timestamp()
+        jobs.append((slot.get("gpu_uuid") or f"slot-{slot['index']}", start, end, r.get("run_id", "?"), slot))
+    gpus: dict[str, dict] = {}
+    overlaps = []
+    for key in sorted({j[0] for j in jobs}):
+        mine = sorted((j for j in jobs if j[0] == key), key=lambda j: j[1])
+        gpus[key] = {"device": sorted({j[4]["device"] for j in mine}), "slots": sorted({j[4]["index"] for j in mine}),
+                     "jobs": len(mine), "busy_s": sum(j[2] - j[1] for j in mine)}
+        for i, a in enumerate(mine):
+            overlaps += [(a[3], b[3]) for b in mine[i + 1:] if b[1] < a[2]]
+    return {"gpus": gpus, "overlaps": overlaps, "jobs": len(jobs),
+            "span_s": (max(j[2] for j in jobs) - min(j[1] for j in jobs)) if jobs else 0.0,
+            "job_s": sum(j[2] - j[1] for j in jobs)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import results
+from harness import results, slots
 from tests.conftest import requires_data
 
 pytestmark = [requires_data, pytest.mark.slow]
@@ -40,6 +40,8 @@ def test_parallel_jobs_each_own_a_slot_and_never_overlap(tmp_path):
     for i in (0, 1):
         spans = sorted((r["started_at"], r["finished_at"]) for r in recs if r["slot"]["index"] == i)
         assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+    occ = slots.occupancy(recs)
+    assert occ["overlaps"] == [] and sorted(occ["gpus"]) == ["slot-0", "slot-1"] and occ["jobs"] == 4
 
 
 def test_submitit_local_executor_runs_the_sweep(tmp_path):
