@@ -2,17 +2,18 @@
 
 For LLaMA-7B's linear shapes (K×N = 4096×4096, 4096×11008, 11008×4096), rows M ∈ {1, 4, 16, 64},
 bits 2/3/4/8 with groups of 128, act-order off and on: the fused Triton product
-(``quantizers/kernels/triton_gemm.py``, the config ``QuantLinear`` uses by default), the other kernel
-family at the same M, ``torch.matmul`` with the bf16 weight, the torch backend of ``QuantLinear`` (its
-cached dequantized weight) and, at 4 bits without act-order, torch's own int4 kernel
-(``torch._weight_int4pack_mm``), each measured in the same run on the same activations.
+(``quantizers/kernels/triton_gemm.py``, the config ``QuantLinear`` runs: tuned on first use, named
+in ``config``), the hand-picked default config (``default µs``), ``torch.matmul`` with the bf16
+weight, the torch backend of ``QuantLinear`` (its cached dequantized weight) and, at 4 bits without
+act-order, torch's own int4 kernel (``torch._weight_int4pack_mm``), each measured in the same run on the
+same activations.
 
 Timing: GPU time of a CUDA graph that replays the product over enough weight copies to stream more than
 twice the L2 cache (a decode step reads each layer's weight once, from HBM), median of 10 replays after a
 warm-up, divided by the products in the graph; CUDA events. ``eager`` columns time the same products
 launched from Python (CPU launch cost included). ``rel err``: the Triton output against the float32
-product with the dequantized weight. ``--tune`` (instead of the table) times alternative tile configs of both
-kernels on 4096×11008 (3 and 4 bits) and prints them, to refine ``GEMV_CONFIGS`` / ``default_config``.
+product with the dequantized weight. ``--tune`` (instead of the table) times every candidate config of the three
+kernels on 4096×11008 (3 and 4 bits) and prints them, to refine ``candidates`` / ``default_config``.
 ``--smoke``: tiny shapes on the CPU (the kernels run only where Triton's interpreter is on:
 ``TRITON_INTERPRET=1``), seconds long, wall-clock medians.
 """
@@ -224,15 +225,15 @@ def triton_columns(tg: Any, lins: list[QuantLinear], x: torch.Tensor, timer: Tim
     for m in lins:
         m.backend = "triton"
     rts = [tg.runtime_of(m) for m in lins]
-    cfg = tg.default_config(M, lins[0].bits)
+    cfg = tg.tuned_config(x, rts[0])  # what QuantLinear runs: tuned on first use (the default where tuning is off)
     out: dict[str, Any] = {}
     us = timer.graph_us([lambda rt=rt: tg.matmul(x, rt, None, cfg) for rt in rts])
     nbytes = sum(t.numel() * t.element_size() for t in (rts[0].qweight, rts[0].scales, rts[0].zeros))
     out.update({"triton µs": us, "× bf16": bf16 / us, "triton GB/s": nbytes / us / 1e3,
                 "config": tg.fit_config(cfg, rts[0])[0].name()})
     if x.device.type == "cuda":
-        other = tg.default_config(16, lins[0].bits) if cfg.kernel == "gemv" else tg.GEMV_CONFIGS[lins[0].bits]
-        out[f"{other.kernel} µs"] = timer.graph_us([lambda rt=rt: tg.matmul(x, rt, None, other) for rt in rts])
+        default = tg.default_config(M, lins[0].bits)  # the hand-picked config, untuned
+        out["default µs"] = timer.graph_us([lambda rt=rt: tg.matmul(x, rt, None, default) for rt in rts])
         # launched from Python one after another, through QuantLinear: the CPU's share shows here
         out.update({"eager µs": timer.eager_us([lambda m=m: m(x) for m in lins]), "eager bf16 µs": bf16_eager})
     out["rel err"] = rel_err(tg.matmul(x, rts[0], None, cfg), x, lins[0])
@@ -255,7 +256,8 @@ def tune_rows(device: torch.device, timer: Timer, tg: Any) -> list[dict]:
                 lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
                 rts = [tg.runtime_of(m) for m in lins]
                 default = tg.default_config(M, bits)
-                for cfg in [default] + [c for c in tg.tune_configs(kernel, bits) if c != default]:
+                configs = dict.fromkeys([default, *tg.candidates(M, bits), *tg.tune_configs(kernel, bits)])
+                for cfg in configs:
                     try:
                         us = timer.graph_us([lambda rt=rt, cfg=cfg, x=x: tg.matmul(x, rt, None, cfg) for rt in rts])
                         err = rel_err(tg.matmul(x, rts[0], None, cfg), x, lins[0])

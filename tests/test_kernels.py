@@ -33,12 +33,15 @@ LAYOUTS = {  # group_size, act-order, irregular groups
     "irregular-act": (None, True, True),
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PATHS = {"gemv": "triton-gemv-splitk", "gemm": "triton-gemm", "dot": "triton-dot"}
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # relative, to the float32 product
-# (name, config fields, rows of x): the defaults by M (every case), then tiles that exercise the other code
-# paths (one per case, in turn): no split-K, x read per element, prefetch, two rows, two row tiles
+# (name, config fields, rows of x): the defaults by M and the dot kernel (every case), then tiles that exercise
+# the other code paths (one per case, in turn): no split-K, x read per element, prefetch, two rows, two row tiles
 RUNS = [
     ("gemv", {}, 1),
     ("gemm", {}, 5),
+    ("dot", {"kernel": "dot", "bm": 16, "bn": 32, "bk": 32, "split": 2}, 3),
+    ("dot-s1", {"kernel": "dot", "bm": 16, "bn": 64, "bk": 64, "split": 1}, 20),
     ("gemv-s1-noxsplit", {"kernel": "gemv", "bn": 64, "bk": 32, "split": 1, "xsplit": False}, 1),
     ("gemv-prefetch", {"kernel": "gemv", "bn": 64, "bk": 64, "split": 2, "prefetch": True}, 2),
     ("gemm-s1", {"kernel": "gemm", "bm": 16, "bn": 32, "split": 1}, 17),
@@ -64,8 +67,9 @@ CASES = {f"{bits}-{layout}": (bits, layout) for bits in (2, 3, 4, 8) for layout 
 
 
 def case_runs(name: str) -> list[int]:
-    """Indices into RUNS of the runs of one case: both defaults and one of the others, in turn."""
-    return [0, 1, 2 + list(CASES).index(name) % (len(RUNS) - 2)]
+    """Indices into RUNS of the runs of one case: both defaults, the dot kernel and one of the others, in
+    turn (the dot kernel's no-split run among them)."""
+    return [0, 1, 2, 3 + list(CASES).index(name) % (len(RUNS) - 3)]
 
 
 def case_inputs(name: str, run: int) -> tuple[QuantResult, torch.Tensor, torch.Tensor | None, torch.dtype]:
@@ -168,8 +172,10 @@ def compiled_results(out: str) -> None:
         res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
         m = module_of(res, None, dtype).cuda()
         rt = tg.runtime_of(m)
-        y = tg.matmul(x.cuda(), rt, None)
-        results[name] = {"y": y.cpu(), "path": rt.path}
+        y = tg.matmul(x.cuda(), rt, None)  # the tuned config
+        results[name] = {"y": y.cpu(), "path": rt.path, "tuned": tg.tuned_config(x.cuda(), rt).name()}
+        for cfg in tg.candidates(M, bits):  # every candidate tuning may pick, each checked on its own
+            results[name][cfg.name()] = tg.matmul(x.cuda(), rt, None, cfg).cpu()
     results["model"] = tiny_model_logits("cuda", torch.float16)
     torch.save(results, out)
 
@@ -207,8 +213,7 @@ def test_interpreted_kernels_match_dequantize_then_matmul(interpreted, name):
         err = rel_err(y, reference(res, x, bias))
         assert err < TOL[dtype], f"{name} {label} {dtype}: relative error {err:.2e}"
         kernel = (RUNS[run][1].get("kernel") or ("gemv" if rows == 1 else "gemm"))
-        assert interpreted["paths"][(name, label)] == {"gemv": "triton-gemv-splitk",
-                                                        "gemm": "triton-gemm"}[kernel] + "-interpreted"
+        assert interpreted["paths"][(name, label)] == PATHS[kernel] + "-interpreted"
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -259,7 +264,7 @@ def test_bench_kernels_smoke_prints_rows(tmp_path):
 # ------------------------------------------------------------------------- sm_90, compiled without a GPU
 
 
-@pytest.mark.parametrize("kernel,bits", [("gemv", 4), ("gemv", 3), ("gemm", 4), ("gemm", 3)])
+@pytest.mark.parametrize("kernel,bits", [("gemv", 4), ("gemv", 3), ("gemm", 4), ("gemm", 3), ("dot", 4), ("dot", 3)])
 def test_default_configs_compile_for_sm90_without_spills(kernel, bits, tmp_path):
     """The default launch of each kernel (act-order, split-K, bias) compiled ahead of time for an
     H100/H200, in a child that does not interpret: it builds, and keeps its registers (no local memory)."""
@@ -269,16 +274,20 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from quantizers.kernels import triton_gemm as tg
-cfg = tg.default_config(1 if "{kernel}" == "gemv" else 16, {bits})
+M = 1 if "{kernel}" == "gemv" else 16
+cfg = [c for c in tg.candidates(M, {bits}) if c.kernel == "{kernel}"][0]
 per, words = tg.BLOCKS[{bits}]
-fn = tg._gemv_kernel if "{kernel}" == "gemv" else tg._gemm_kernel
-consts = dict(BITS={bits}, PER=per, WORDS=words, BB=max(cfg.bk // per, 16 if "{kernel}" == "gemm" else 1),
-              BN=cfg.bn, SPLIT=True, GROUPING=0, HAS_PERM=True, HAS_BIAS=True, EVEN_K=True, EVEN_N=True, HIGH=tg.HIGH,
-              stride_xk=1, stride_yn=1)
+fn = {{"gemv": tg._gemv_kernel, "gemm": tg._gemm_kernel, "dot": tg._dot_kernel}}["{kernel}"]
+consts = dict(BITS={bits}, PER=per, WORDS=words, BN=cfg.bn, SPLIT=True, GROUPING=0, HAS_PERM=True, HAS_BIAS=True,
+              EVEN_K=True, EVEN_N=True, stride_xk=1, stride_yn=1)
+if "{kernel}" != "dot":
+    consts.update(HIGH=tg.HIGH, BB=max(cfg.bk // per, 16 if "{kernel}" == "gemm" else 1))
 if "{kernel}" == "gemv":
     consts.update(XSPLIT=cfg.xsplit, LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch)
-else:
+elif "{kernel}" == "gemm":
     consts.update(BM=cfg.bm, DOT_F32=False, GROUPING=0 if 16 * per <= 128 else 1)
+else:
+    consts.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=False)
 ptr = {{"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "PERM": "*i32", "GIDX": "*i32", "BIAS": "*bf16",
        "Y": "*bf16", "WS": "*fp32", "WSI": "*i32", "CNT": "*i32"}}
 sig = {{a: ptr.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}}
@@ -326,8 +335,13 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
     y = compiled[name]["y"]
     assert y.dtype == dtype and y.shape == (M, N_)
-    assert rel_err(y, reference(res, x, None)) < TOL[dtype]
-    assert compiled[name]["path"] == ("triton-gemv-splitk" if M == 1 else "triton-gemm")
+    ref = reference(res, x, None)
+    assert rel_err(y, ref) < TOL[dtype]
+    assert compiled[name]["path"] in PATHS.values(), compiled[name]["path"]
+    others = {k: v for k, v in compiled[name].items() if k not in ("y", "path", "tuned")}
+    assert compiled[name]["tuned"] in others and len(others) >= 4
+    for label, y_cfg in others.items():
+        assert y_cfg.dtype == dtype and rel_err(y_cfg, ref) < TOL[dtype], label
 
 
 @pytest.mark.gpu
@@ -335,4 +349,4 @@ def test_compiled_tiny_model_logits_agree_across_backends(compiled):
     out = compiled["model"]
     for torch_logits, triton_logits in zip(out["torch"], out["triton"], strict=True):
         assert rel_err(triton_logits, torch_logits) < 1e-2  # float16 model: float32 sums against cuBLAS's
-    assert out["paths-triton"] == {"triton-gemv-splitk": 7}
+    assert sum(out["paths-triton"].values()) == 7 and set(out["paths-triton"]) <= set(PATHS.values())

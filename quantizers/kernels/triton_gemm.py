@@ -1,7 +1,7 @@
 """``y = x Wᵀ (+ b)`` with ``W`` GPTQ-packed (2, 3, 4, 8 bits), dequantized on the fly inside the product.
 
 Importing this module registers the ``"triton"`` backend of :class:`~quantizers.qlinear.QuantLinear`
-(``path``: ``triton-gemv-splitk`` or ``triton-gemm``, whichever ran last).
+(``path``: ``triton-gemv-splitk``, ``triton-gemm`` or ``triton-dot``, whichever ran last).
 
 **Runtime layout** (:class:`Runtime`, built once per module by :func:`prepare`; the checkpoint layout
 stays the export format):
@@ -29,6 +29,13 @@ word shifted right by 12. The scale comes once per packed word (GEMV) or once pe
   through shared memory; split-K over enough programs to fill the GPU.
 * ``gemm`` (larger ``M``): per code position one ``tl.dot`` of (BM, 16 blocks) ``x`` columns with the
   (16 blocks, BN) codes dequantized in registers (tensor cores), optional split-K.
+* ``dot``: the tile's words spread over their codes in plain ``k`` order, then one ``tl.dot`` of
+  (BM, BK) contiguous ``x`` with the (BK, BN) dequantized tile per K tile, optional split-K.
+
+**Tuning** (:func:`tuned_config`): a product without an explicit config times the :func:`candidates`
+for its row count (all three kernels, several tiles) once per (bits, shape, groups, act-order, row
+bucket, dtype, device), each with its weights evicted from L2, and keeps the fastest for the process;
+``HARNESS_KERNEL_TUNE=0`` keeps the hand-picked :func:`default_config`. Never during CUDA-graph capture.
 
 Split-K partial sums meet in a float32 workspace by atomic adds; the last program of a tile (an atomic
 counter says which) reads the sum back, zeroing the workspace and the counter as it goes, and writes
@@ -41,6 +48,7 @@ float32 → bfloat16 rounds toward zero (compiled: to nearest).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -54,7 +62,7 @@ BLOCKS = {2: (16, 1), 3: (32, 3), 4: (8, 1), 8: (4, 1)}  # bits → (codes, int3
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC | q) reads as 2**23 + q
 HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there (a kernel constexpr)
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
-PATHS = {"gemv": "triton-gemv-splitk", "gemm": "triton-gemm"}
+PATHS = {"gemv": "triton-gemv-splitk", "gemm": "triton-gemm", "dot": "triton-dot"}
 
 
 def interpreted() -> bool:
@@ -346,6 +354,103 @@ def _gemm_kernel(
             CNT + pid_m * tl.num_programs(0) + pid_n, m_ok[:, None] & n_ok[None, :], bias, SPLIT)
 
 
+@triton.jit(do_not_specialize=["tiles_per_split"])  # 1 or more: one compiled kernel
+def _dot_kernel(
+    X, stride_xm, stride_xk, QW, S, Z, PERM, GIDX, BIAS, Y, stride_ym, stride_yn, WS, WSI, CNT,
+    M, N, K, group_size, tiles_per_split,
+    BITS: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, SPLIT: tl.constexpr, GROUPING: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """A (BM, BN) tile of ``y`` over a K range, one ``tl.dot`` of (BM, BK) × (BK, BN) per K tile: program
+    (n tile, k split, m tile). The tile's packed words are loaded once and spread over the ``PER`` codes
+    each holds (a broadcast, shifted per code: 3 bits pick each code's word and the next one's low bits
+    for the straddling codes), so the code tile comes out in plain ``k`` order and ``x`` is read as
+    contiguous rows (gathered by ``perm`` under act-order). ``GROUPING`` TILE (the tile lies in one
+    group: the scale multiplies the tile's sum) or ELEMENT (scale and zero of every element)."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BK)
+    t0 = pid_k * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BK))
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in range(t0, t1):
+        k = t * BK + offs_k  # (BK,) sorted k
+        k_ok = k < K
+        if WORDS == 1:  # 2, 4, 8 bits: PER whole codes per word; the (BK / PER, BN) words, each spread over PER rows
+            BW: tl.constexpr = BK // PER
+            rows = t * BW + tl.arange(0, BW)
+            ptrs = QW + rows[:, None] * N + offs_n[None, :]
+            if EVEN_K and EVEN_N:
+                w = tl.load(ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(ptrs, mask=(rows * PER < K)[:, None] & n_ok[None, :], other=0,
+                            eviction_policy="evict_first")
+            w = w.to(tl.uint32, bitcast=True)
+            shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+            c = tl.reshape(tl.broadcast_to(w[:, None, :], (BW, PER, BN)) >> shifts[None, :, None], (BK, BN))
+        else:  # 3 bits: blocks of 32 codes in 3 words; codes 10 and 21 run into the next word
+            BB3: tl.constexpr = BK // 32
+            blk = t * BB3 + tl.arange(0, BB3)
+            ptrs = QW + (blk * 3)[:, None] * N + offs_n[None, :]
+            if EVEN_K and EVEN_N:
+                w0 = tl.load(ptrs, eviction_policy="evict_first")
+                w1 = tl.load(ptrs + N, eviction_policy="evict_first")
+                w2 = tl.load(ptrs + 2 * N, eviction_policy="evict_first")
+            else:
+                ok = (blk * 32 < K)[:, None] & n_ok[None, :]
+                w0 = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
+                w1 = tl.load(ptrs + N, mask=ok, other=0, eviction_policy="evict_first")
+                w2 = tl.load(ptrs + 2 * N, mask=ok, other=0, eviction_policy="evict_first")
+            w0 = w0.to(tl.uint32, bitcast=True)[:, None, :]
+            w1 = w1.to(tl.uint32, bitcast=True)[:, None, :]
+            w2 = w2.to(tl.uint32, bitcast=True)[:, None, :]
+            bit = tl.arange(0, 32) * 3  # code j of a block starts at bit 3j of the block's 96
+            word = (bit // 32)[None, :, None]
+            shift = (bit % 32).to(tl.uint32)[None, :, None]
+            lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))  # (BB3, 32, BN)
+            hi = tl.where(word == 0, w1, w2)
+            c = (lo >> shift) | tl.where(shift > 29, hi << ((32 - shift) & 31), 0)
+            c = tl.reshape(c, (BK, BN))
+        q = (c & MAXQ).to(tl.float32)  # (BK, BN) codes
+        if HAS_PERM:
+            xk = tl.load(PERM + k, mask=k_ok, other=0)
+        else:
+            xk = k
+        xt = tl.load(X + offs_m[:, None] * stride_xm + xk[None, :] * stride_xk,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+        if GROUPING == TILE:
+            g = (t * BK) // group_size
+            sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
+            zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+            d = q - zf[None, :]  # code − zero: an integer, exact in 16 bits
+        else:
+            ge = tl.load(GIDX + k, mask=k_ok, other=0)
+            sz = ge[:, None] * N + offs_n[None, :]
+            se = tl.load(S + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+            ze = tl.load(Z + sz, mask=n_ok[None, :], other=0).to(tl.float32)
+            d = (q - ze) * se
+        if DOT_F32:
+            prod = tl.dot(xt.to(tl.float32), d, input_precision="ieee")
+        else:
+            prod = tl.dot(xt, d.to(xt.dtype))
+        if GROUPING == TILE:
+            acc += prod * sc[None, :]
+        else:
+            acc += prod
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias = 0.0
+    _finish(acc, Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+            WS + offs_m[:, None] * N + offs_n[None, :], WSI + offs_m[:, None] * N + offs_n[None, :],
+            CNT + pid_m * tl.num_programs(0) + pid_n, m_ok[:, None] & n_ok[None, :], bias, SPLIT)
+
+
 # ------------------------------------------------------------------------------------------ runtime layout
 
 
@@ -440,10 +545,11 @@ def unpack_runtime(rt: Runtime) -> torch.Tensor:
 class Config:
     """Launch parameters of one product.
 
-    ``kernel`` "gemv" or "gemm"; ``bn`` columns and ``bk`` codes of ``k`` per tile (powers of two;
+    ``kernel`` "gemv", "gemm" or "dot"; ``bn`` columns and ``bk`` codes of ``k`` per tile (powers of two;
     ``bk`` a multiple of the packed block, 16/32/8/4 codes at 2/3/4/8 bits; gemm takes at least 16
-    blocks); ``bm`` rows of ``x`` per gemm tile (≥ 16); ``split``: K splits, 0 for enough programs to
-    give every SM ``warps_per_sm`` warps; ``num_warps``, ``num_stages`` as Triton's. gemv only:
+    blocks; dot at least 16 codes); ``bm`` rows of ``x`` per gemm / dot tile (≥ 16); ``split``: K
+    splits, 0 for enough programs to give every SM ``warps_per_sm`` warps; ``num_warps``,
+    ``num_stages`` as Triton's. gemv only:
     ``xsplit`` reads the tile's ``x`` (gathered by ``perm`` under act-order) once per program and hands
     it out through shared memory instead of every thread reading every element; ``prefetch`` loads the
     next tile's words before multiplying the current one."""
@@ -464,7 +570,7 @@ class Config:
         if self.kernel == "gemv":
             flags = ("+x" if self.xsplit else "") + ("+pf" if self.prefetch else "")
             return f"gemv n{self.bn} k{self.bk} {split} x{self.num_warps}{flags}"
-        return f"gemm m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}"
+        return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}"
 
 
 # Hand-picked from the sm_90 code (no timings yet): about 3.7–4.3 instructions per code, no register
@@ -546,14 +652,15 @@ def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
     gemv shrinks ``bk`` until a tile fits in a group (it has no BLOCK mode); gemm needs ``bk ≥ 16``
     blocks (one ``tl.dot`` of K = blocks per code position)."""
     per = BLOCKS[rt.bits][0]
-    bk = max(cfg.bk, per * (16 if cfg.kernel == "gemm" else 1))
+    floor = {"gemm": per * 16, "dot": max(per, 16)}.get(cfg.kernel, per)  # dot: tl.dot takes K ≥ 16
+    bk = max(cfg.bk, floor)
     gs = rt.group_size
     if gs is None:
         return replace(cfg, bk=bk), int(ELEMENT)
     if gs >= rt.K:
         return replace(cfg, bk=bk), int(TILE)
-    if cfg.kernel == "gemv":
-        while bk > per and gs % bk:
+    if cfg.kernel in ("gemv", "dot"):
+        while bk > floor and gs % bk:
             bk //= 2
     grouping = TILE if gs % bk == 0 else BLOCK if gs % per == 0 and cfg.kernel == "gemm" else ELEMENT
     return replace(cfg, bk=bk), int(grouping)
@@ -587,10 +694,12 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
     fixed = dict(
         QW=rt.qweight, S=rt.scales, Z=rt.zeros, PERM=rt.perm if rt.perm is not None else rt.g_sorted,
         GIDX=rt.g_sorted, N=N, K=K, group_size=rt.group_size or K, tiles_per_split=tiles_per_split,
-        magic=int(MAGIC), HIGH=HIGH, BITS=rt.bits, PER=per, WORDS=words, BB=cfg.bk // per, BN=cfg.bn,
-        SPLIT=split > 1, GROUPING=grouping, HAS_PERM=rt.perm is not None, HAS_BIAS=has_bias,
-        EVEN_K=K % cfg.bk == 0, EVEN_N=N % cfg.bn == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BITS=rt.bits, PER=per, WORDS=words, BN=cfg.bn, SPLIT=split > 1, GROUPING=grouping,
+        HAS_PERM=rt.perm is not None, HAS_BIAS=has_bias, EVEN_K=K % cfg.bk == 0, EVEN_N=N % cfg.bn == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if cfg.kernel in ("gemv", "gemm"):
+        fixed.update(magic=int(MAGIC), HIGH=HIGH, BB=cfg.bk // per)
     if cfg.kernel == "gemv":
         kernel = _gemv_kernel
         fixed.update(XSPLIT=cfg.xsplit and cfg.bk >= 32 * cfg.num_warps,  # each thread gathers whole elements
@@ -598,16 +707,111 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
     elif cfg.kernel == "gemm":
         kernel = _gemm_kernel
         fixed.update(M=M, BM=cfg.bm, DOT_F32=interpreted() or dtype == torch.float32)
+    elif cfg.kernel == "dot":
+        kernel = _dot_kernel
+        fixed.update(M=M, BM=cfg.bm, BK=cfg.bk, DOT_F32=interpreted() or dtype == torch.float32)
     else:
-        raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or gemm)")
+        raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv, gemm or dot)")
     return _Plan(kernel, (n_tiles, split, m_tiles), fixed, (M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
                  PATHS[cfg.kernel] + ("-interpreted" if interpreted() else ""))
+
+
+# ------------------------------------------------------------------------------------------------ tuning
+
+
+def tuning_enabled() -> bool:
+    """Whether a product without an explicit config picks the fastest candidate on first use
+    (compiled kernels only; ``HARNESS_KERNEL_TUNE=0`` keeps the hand-picked :func:`default_config`)."""
+    return not interpreted() and os.environ.get("HARNESS_KERNEL_TUNE", "1") not in ("0", "false", "no")
+
+
+def candidates(M: int, bits: int) -> list[Config]:
+    """What tuning times for ``M`` rows: the hand-picked default first, then the other kernel families
+    and tile shapes (same result up to the order of float32 sums)."""
+    out = [default_config(M, bits)]
+    if M == 1:
+        out += [Config("gemv", bn=128, bk=64, num_warps=1), Config("gemv", bn=256, bk=128, num_warps=2),
+                Config("gemv", bn=128, bk=64, num_warps=1, warps_per_sm=8),
+                Config("gemv", bn=256, bk=64, num_warps=2, xsplit=False)]
+    bm = min(max(16, triton.next_power_of_2(M)), 128)
+    if bm <= 32:
+        out += [Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3),
+                Config("dot", bm=bm, bn=128, bk=128, num_warps=4, num_stages=3),
+                Config("dot", bm=bm, bn=128, bk=64, num_warps=4, num_stages=4),
+                Config("dot", bm=bm, bn=256, bk=128, num_warps=8, num_stages=3),
+                Config("dot", bm=bm, bn=128, bk=128, num_warps=4, num_stages=3, warps_per_sm=32)]
+    else:
+        out += [Config("dot", bm=bm, bn=128, bk=64, num_warps=8, num_stages=3, warps_per_sm=16),
+                Config("dot", bm=bm, bn=128, bk=128, num_warps=8, num_stages=3, warps_per_sm=16),
+                Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3, split=1)]
+    return list(dict.fromkeys(out))
+
+
+_TUNED: dict[tuple, Config] = {}
+TUNE_REPS = 5
+
+
+def _tune_key(rt: Runtime, M: int, x: torch.Tensor, has_bias: bool) -> tuple:
+    bucket = 1 if M == 1 else min(triton.next_power_of_2(M), 4096)
+    return (rt.bits, rt.K, rt.N, rt.group_size, rt.perm is not None, bucket, x.dtype, str(x.device), has_bias)
+
+
+def _time_config(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None, cfg: Config, flush: torch.Tensor) -> float:
+    """Median GPU time of one product with ``cfg``, its weights evicted from L2 before every call and
+    the launch queued behind a GPU-side wait (CPU launch cost not counted)."""
+    matmul(x, rt, bias, cfg)  # compile and build the plan
+    times = []
+    for _ in range(TUNE_REPS):
+        flush.zero_()
+        torch.cuda._sleep(100_000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        matmul(x, rt, bias, cfg)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def tuned_config(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None) -> Config:
+    """The config a product of ``x`` with ``rt`` runs without an explicit one: the fastest of
+    :func:`candidates`, timed once per (bits, shape, groups, act-order, row bucket, dtype, device) and
+    remembered for the process; the default where tuning is off or a CUDA graph is being captured."""
+    return _resolve(x, rt, bias)[0]
+
+
+def _resolve(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None) -> tuple[Config, bool]:
+    """:func:`tuned_config` and whether it is final (False: the default, only because a CUDA graph is
+    being captured before this shape was tuned)."""
+    M = x.shape[0]
+    default = default_config(M, rt.bits)
+    if not tuning_enabled() or x.device.type != "cuda":
+        return default, True
+    key = _tune_key(rt, M, x, bias is not None)
+    if key in _TUNED:
+        return _TUNED[key], True
+    if torch.cuda.is_current_stream_capturing():
+        return default, False
+    if key not in _TUNED:
+        l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 50 * 2**20)
+        flush = torch.empty(2 * l2 // 4, dtype=torch.float32, device=x.device)
+        best, best_ms = default, float("inf")
+        for cfg in candidates(M, rt.bits):
+            try:
+                ms = _time_config(x, rt, bias, cfg, flush)
+            except Exception:  # noqa: BLE001 - a config this GPU cannot build (shared memory, registers) is skipped
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        del flush
+        _TUNED[key] = best
+    return _TUNED[key], True
 
 
 def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
            config: Config | None = None) -> torch.Tensor:
     """``x`` (M, K) float16 / bfloat16 / float32 times the dequantized ``W``ᵀ (K, N), plus ``bias`` (N,):
-    (M, N) in ``x``'s dtype. ``config`` (default :func:`default_config`) picks the kernel and tiles;
+    (M, N) in ``x``'s dtype. ``config`` picks the kernel and tiles (default: :func:`tuned_config`);
     ``rt.path`` records the one that ran."""
     M, K = x.shape
     if K != rt.K:
@@ -618,7 +822,10 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
     key = (M, x.dtype, x.device, bias is not None, config)
     plan = rt.plans.get(key)
     if plan is None:
-        plan = rt.plans[key] = _plan(rt, M, x.dtype, x.device, bias is not None, config)
+        cfg, final = (config, True) if config is not None else _resolve(x, rt, bias)
+        plan = _plan(rt, M, x.dtype, x.device, bias is not None, cfg)
+        if final:  # config None: the tuned plan, looked up directly from now on
+            rt.plans[key] = rt.plans[(M, x.dtype, x.device, bias is not None, cfg)] = plan
     if plan.workspace[0]:
         ws, cnt = workspace(x.device, *plan.workspace)
     else:
