@@ -798,7 +798,8 @@ def _resolve(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None) -> tuple[C
         best, best_ms = default, float("inf")
         for cfg in candidates(M, rt.bits):
             try:
-                ms = _time_config(x, rt, bias, cfg, flush)
+                with torch.cuda.device(x.device):
+                    ms = _time_config(x, rt, bias, cfg, flush)
             except Exception:  # noqa: BLE001 - a config this GPU cannot build (shared memory, registers) is skipped
                 continue
             if ms < best_ms:
