@@ -123,6 +123,11 @@ def interpreted_results(out: str) -> None:
         results["layout_exact"][name] = bool(torch.equal(tg.unpack_runtime(rt), m.dequantize(torch.float32)))
         results["perm"] = results.get("perm", {}) | {name: rt.perm is not None}
     results["model"] = tiny_model_logits()
+    keys = [(M, bits) for M in (1, 4, 16, 64, 2048) for bits in (3, 4)]
+    results["candidates"] = {(M, bits): [c.name() for c in tg.candidates(M, bits)] for M, bits in keys}
+    results["defaults"] = {(M, bits): tg.default_config(M, bits).name() for M, bits in keys}
+    results["tuned"] = tg.tuned_config(x, rt).name() == tg.default_config(x.shape[0], rt.bits).name()
+    results["tuning"] = tg.tuning_enabled()
     torch.save(results, out)
 
 
@@ -214,6 +219,16 @@ def test_interpreted_kernels_match_dequantize_then_matmul(interpreted, name):
         assert err < TOL[dtype], f"{name} {label} {dtype}: relative error {err:.2e}"
         kernel = (RUNS[run][1].get("kernel") or ("gemv" if rows == 1 else "gemm"))
         assert interpreted["paths"][(name, label)] == PATHS[kernel] + "-interpreted"
+
+
+def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(interpreted):
+    for key, names in interpreted["candidates"].items():
+        M, _ = key
+        assert names[0] == interpreted["defaults"][key] and len(names) == len(set(names)) >= 4, (key, names)
+        kinds = {n.split()[0] for n in names}
+        assert kinds == ({"gemv"} if M == 1 else {"gemm", "dot"}), (key, names)
+    # interpreted, nothing is timed: a product without a config runs the hand-picked default
+    assert interpreted["tuning"] is False and interpreted["tuned"] is True
 
 
 @pytest.mark.parametrize("name", list(CASES))
