@@ -449,6 +449,12 @@ def run(argv: list[str] | None = None) -> int:
     out = args.out or args.results / "report"
     out.mkdir(parents=True, exist_ok=True)
     written = _write_tables(tables, args.format, out)
+    # how a pooled sweep used its GPUs: an operational table, kept apart from the paper tables
+    pooled = [r for r in results.iter_records(args.results) if not args.study or r.get("study") == args.study]
+    devices = device_table(pooled)
+    if devices:
+        (out / "devices.md").write_text(render(devices, "md") + "\n")
+        written.append(out / "devices.md")
     written += plot_pareto(runs, out, args.metric)
     quantized = runs[runs["_method"] != "fp16"]
     run_id = args.heatmap_run or (str(quantized.iloc[-1]["run_id"]) if len(quantized) else None)
@@ -460,6 +466,27 @@ def run(argv: list[str] | None = None) -> int:
         written += [heat] if heat else []
     print(f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}", file=sys.stderr)
     return 0
+
+
+def device_table(records: list[dict]) -> Table | None:
+    """How the runs of a pooled sweep used the devices (:func:`harness.slots.occupancy`): per GPU its
+    device, slots, jobs and busy seconds, and as notes the span and any jobs that overlapped on one
+    GPU. None when no record holds a slot (runs outside a pooled sweep)."""
+    from harness.slots import occupancy
+
+    occ = occupancy(records)
+    if not occ["jobs"]:
+        return None
+    rows = [[gpu, ", ".join(info["device"]), ", ".join(map(str, info["slots"])), str(info["jobs"]),
+             f"{info['busy_s']:.1f}", f"{info['busy_s'] / occ['span_s']:.0%}" if occ["span_s"] else MISSING]
+            for gpu, info in occ["gpus"].items()]
+    overlaps = (f"{len(occ['overlaps'])} pairs of jobs overlapped on one GPU: "
+                + ", ".join(f"{a[:8]}/{b[:8]}" for a, b in occ["overlaps"][:5])) if occ["overlaps"] else \
+        "no two jobs overlapped on one GPU"
+    return Table("devices", "Devices of the sweep", ["GPU", "device", "slots", "jobs", "busy s", "busy / span"], rows,
+                 label_columns=3, notes=[f"{occ['jobs']} jobs from the first start to the last finish: "
+                                         f"{occ['span_s']:.1f} s; the jobs' own times add up to {occ['job_s']:.1f} s",
+                                         overlaps])
 
 
 def _write_tables(tables: list[Table], fmt: str, out: Path) -> list[Path]:

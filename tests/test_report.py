@@ -142,3 +142,26 @@ def test_unknown_study_is_one_line_exit_2(store):
     proc = report_cli("--results", store, "--study", "nope")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --study")
     assert "Traceback" not in proc.stderr
+
+
+def test_devices_table_from_the_sweeps_slots(md, store):
+    """The sweep's jobs each held a slot (CPU: slot 0, one at a time): the report's devices.md says so."""
+    text = (store / "report-md" / "devices.md").read_text()
+    assert "#### Devices of the sweep" in text and "no two jobs overlapped on one GPU" in text
+    assert "Devices of the sweep" not in md.stdout  # not among the paper tables
+    row = next(line for line in text.splitlines() if line.startswith("| slot-0"))
+    assert [c.strip() for c in row.strip("|").split("|")][1:4] == ["cpu", "0", "9"]
+
+
+def test_devices_table_names_overlapping_jobs():
+    from datetime import UTC, datetime
+
+    def rec(run_id: str, start: float, end: float) -> dict:
+        iso = lambda t: datetime.fromtimestamp(1.8e9 + t, UTC).isoformat()  # noqa: E731
+        return {"run_id": run_id, "started_at": iso(start), "finished_at": iso(end),
+                "slot": {"index": 0, "pid": 1, "device": "cuda:0", "gpu_uuid": "GPU-a"}}
+
+    table = report.device_table([rec("aaaaaaaaaa", 0, 10), rec("bbbbbbbbbb", 5, 12)])
+    assert table.rows == [["GPU-a", "cuda:0", "0", "2", "17.0", "142%"]]
+    assert table.notes[1] == "1 pairs of jobs overlapped on one GPU: aaaaaaaa/bbbbbbbb"
+    assert report.device_table([{"run_id": "x"}]) is None
