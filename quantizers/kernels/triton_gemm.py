@@ -573,9 +573,10 @@ class Config:
         return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}"
 
 
-# Hand-picked from the sm_90 code (no timings yet): about 3.7–4.3 instructions per code, no register
-# spills, and a load in flight while a tile is multiplied where the registers allow it (2 and 4 bits).
-# ``python -m harness.bench kernels --tune`` times the alternatives on the GPU.
+# Hand-picked from the sm_90 code: about 3.7–4.3 instructions per code, no register spills, and a load
+# in flight while a tile is multiplied where the registers allow it (2 and 4 bits). Timed on an H200
+# (sweeps/measurements/LOG.md); tuning (:func:`tuned_config`) starts from them.
+# ``python -m harness.bench kernels --tune`` times every candidate on the GPU.
 GEMV_CONFIGS = {
     2: Config("gemv", bn=128, bk=64, num_warps=1, prefetch=True),
     3: Config("gemv", bn=256, bk=128, num_warps=2),
@@ -794,20 +795,19 @@ def _resolve(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None) -> tuple[C
         return _TUNED[key], True
     if torch.cuda.is_current_stream_capturing():
         return default, False
-    if key not in _TUNED:
-        l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 50 * 2**20)
-        flush = torch.empty(2 * l2 // 4, dtype=torch.float32, device=x.device)
-        best, best_ms = default, float("inf")
-        for cfg in candidates(M, rt.bits):
-            try:
-                with torch.cuda.device(x.device):
-                    ms = _time_config(x, rt, bias, cfg, flush)
-            except Exception:  # noqa: BLE001 - a config this GPU cannot build (shared memory, registers) is skipped
-                continue
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-        del flush
-        _TUNED[key] = best
+    l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 50 * 2**20)
+    flush = torch.empty(2 * l2 // 4, dtype=torch.float32, device=x.device)
+    best, best_ms = default, float("inf")
+    for cfg in candidates(M, rt.bits):
+        try:
+            with torch.cuda.device(x.device):
+                ms = _time_config(x, rt, bias, cfg, flush)
+        except Exception:  # noqa: BLE001 - a config this GPU cannot build (shared memory, registers) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    del flush
+    _TUNED[key] = best
     return _TUNED[key], True
 
 
