@@ -79,3 +79,16 @@ def run_child(module: str, entry: str, out: Path, interpret: bool, timeout: int)
     if proc.returncode != 0:
         pytest.fail(f"{entry} failed in its child process:\n{proc.stderr[-4000:]}")
     return torch.load(out, weights_only=False)
+
+
+def slot_record(run_id: str, start: float, end: float, uuid: str = "GPU-a", device: str = "cuda:0",
+                index: int = 0) -> dict:
+    """A run record of a pooled sweep as far as the slot checks read it: ``start`` and ``end`` in
+    seconds on an arbitrary clock, the slot on GPU ``uuid``."""
+    from datetime import UTC, datetime
+
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(1.8e9 + t, UTC).isoformat()
+
+    return {"run_id": run_id, "started_at": iso(start), "finished_at": iso(end),
+            "slot": {"index": index, "pid": 1, "device": device, "gpu_uuid": uuid}}

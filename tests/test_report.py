@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from harness import report, results
-from tests.conftest import ROOT, requires_data
+from tests.conftest import ROOT, requires_data, slot_record
 
 pytestmark = requires_data
 GRID = ["model=tiny-llama", "model.dtype=bfloat16", "logger=none", "print_table=false", "quantizer=fp16,rtn,gptq",
@@ -154,14 +154,7 @@ def test_devices_table_from_the_sweeps_slots(md, store):
 
 
 def test_devices_table_names_overlapping_jobs():
-    from datetime import UTC, datetime
-
-    def rec(run_id: str, start: float, end: float) -> dict:
-        iso = lambda t: datetime.fromtimestamp(1.8e9 + t, UTC).isoformat()  # noqa: E731
-        return {"run_id": run_id, "started_at": iso(start), "finished_at": iso(end),
-                "slot": {"index": 0, "pid": 1, "device": "cuda:0", "gpu_uuid": "GPU-a"}}
-
-    table = report.device_table([rec("aaaaaaaaaa", 0, 10), rec("bbbbbbbbbb", 5, 12)])
+    table = report.device_table([slot_record("aaaaaaaaaa", 0, 10), slot_record("bbbbbbbbbb", 5, 12)])
     assert table.rows == [["GPU-a", "cuda:0", "0", "2", "17.0", "142%"]]
     assert table.notes[1] == "1 pairs of jobs overlapped on one GPU: aaaaaaaa/bbbbbbbb"
     assert report.device_table([{"run_id": "x"}]) is None

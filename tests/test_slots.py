@@ -9,6 +9,7 @@ import time
 import pytest
 
 from harness import slots
+from tests.conftest import slot_record
 
 
 def _job(directory: str, count: int, hold_s: float, log: str) -> None:
@@ -72,22 +73,14 @@ def test_release_then_reacquire_and_bad_count(tmp_path):
         slots.acquire(tmp_path, 0)
 
 
-def _rec(uuid: str, device: str, index: int, start: float, end: float, run_id: str) -> dict:
-    from datetime import UTC, datetime
-
-    iso = lambda t: datetime.fromtimestamp(1.8e9 + t, UTC).isoformat()  # noqa: E731
-    return {"run_id": run_id, "started_at": iso(start), "finished_at": iso(end),
-            "slot": {"index": index, "pid": 1, "device": device, "gpu_uuid": uuid}}
-
-
 def test_occupancy_counts_jobs_per_gpu_and_finds_overlaps():
-    recs = [_rec("A", "cuda:0", 0, 0, 10, "a1"), _rec("A", "cuda:0", 0, 10, 15, "a2"),
-            _rec("B", "cuda:1", 1, 1, 7, "b1"), _rec("B", "cuda:1", 1, 8, 12, "b2"),
+    recs = [slot_record("a1", 0, 10, "A", "cuda:0", 0), slot_record("a2", 10, 15, "A", "cuda:0", 0),
+            slot_record("b1", 1, 7, "B", "cuda:1", 1), slot_record("b2", 8, 12, "B", "cuda:1", 1),
             {"run_id": "solo", "started_at": "2027-01-01T00:00:00+00:00", "finished_at": "2027-01-01T00:01:00+00:00"}]
     occ = slots.occupancy(recs)
     assert occ["jobs"] == 4 and occ["overlaps"] == []
     assert occ["gpus"]["A"] == {"device": ["cuda:0"], "slots": [0], "jobs": 2, "busy_s": pytest.approx(15)}
     assert occ["gpus"]["B"]["busy_s"] == pytest.approx(10)
     assert occ["span_s"] == pytest.approx(15) and occ["job_s"] == pytest.approx(25)
-    recs.append(_rec("B", "cuda:1", 1, 11, 13, "b3"))  # starts before b2 ends: the same GPU twice at once
+    recs.append(slot_record("b3", 11, 13, "B", "cuda:1", 1))  # starts before b2 ends: the same GPU twice at once
     assert slots.occupancy(recs)["overlaps"] == [("b2", "b3")]
