@@ -12,8 +12,8 @@ Timing: GPU time of a CUDA graph that replays the product over enough weight cop
 twice the L2 cache (a decode step reads each layer's weight once, from HBM), median of 10 replays after a
 warm-up, divided by the products in the graph; CUDA events. ``eager`` columns time the same products
 launched from Python (CPU launch cost included). ``rel err``: the Triton output against the float32
-product with the dequantized weight. ``--tune`` (instead of the table) times every candidate config of the three
-kernels on 4096×11008 (3 and 4 bits) and prints them, to refine ``candidates`` / ``default_config``.
+product with the dequantized weight. ``--tune`` (instead of the table) times every candidate config (M = 1, 16, 64)
+on 4096×11008 (3 and 4 bits) and prints them, to refine ``candidates`` / ``default_config``.
 ``--smoke``: tiny shapes on the CPU (the kernels run only where Triton's interpreter is on:
 ``TRITON_INTERPRET=1``), seconds long, wall-clock medians.
 """
@@ -247,7 +247,7 @@ def tune_rows(device: torch.device, timer: Timer, tg: Any) -> list[dict]:
     dtype = torch.bfloat16
     dense = [torch.randn(N, K, device=device, dtype=dtype) for _ in range(copies_for(2 * K * N, device))]
     rows = []
-    for M, kernel in ((1, "gemv"), (16, "gemm")):
+    for M in (1, 16, 64):
         x = torch.randn(M, K, device=device, dtype=dtype)
         bf16 = timer.graph_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense])
         for bits in (4, 3):
@@ -256,7 +256,7 @@ def tune_rows(device: torch.device, timer: Timer, tg: Any) -> list[dict]:
                 lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
                 rts = [tg.runtime_of(m) for m in lins]
                 default = tg.default_config(M, bits)
-                configs = dict.fromkeys([default, *tg.candidates(M, bits), *tg.tune_configs(kernel, bits)])
+                configs = tg.candidates(M, bits)  # the default first
                 for cfg in configs:
                     try:
                         us = timer.graph_us([lambda rt=rt, cfg=cfg, x=x: tg.matmul(x, rt, None, cfg) for rt in rts])

@@ -33,18 +33,19 @@ LAYOUTS = {  # group_size, act-order, irregular groups
     "irregular-act": (None, True, True),
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-PATHS = {"gemv": "triton-gemv-splitk", "gemm": "triton-gemm", "dot": "triton-dot"}
+PATHS = {"gemv": "triton-gemv-splitk", "dot": "triton-dot"}
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # relative, to the float32 product
 # (name, config fields, rows of x): the defaults by M and the dot kernel (every case), then tiles that exercise
-# the other code paths (one per case, in turn): no split-K, x read per element, prefetch, two rows, two row tiles
+# the other code paths (one per case, in turn): dot without split-K, x read per element, prefetch on two rows,
+# split-K over two row tiles
 RUNS = [
     ("gemv", {}, 1),
-    ("gemm", {}, 5),
+    ("dot-default", {}, 5),
     ("dot", {"kernel": "dot", "bm": 16, "bn": 32, "bk": 32, "split": 2}, 3),
     ("dot-s1", {"kernel": "dot", "bm": 16, "bn": 64, "bk": 64, "split": 1}, 20),
     ("gemv-s1-noxsplit", {"kernel": "gemv", "bn": 64, "bk": 32, "split": 1, "xsplit": False}, 1),
     ("gemv-prefetch", {"kernel": "gemv", "bn": 64, "bk": 64, "split": 2, "prefetch": True}, 2),
-    ("gemm-s1", {"kernel": "gemm", "bm": 16, "bn": 32, "split": 1}, 17),
+    ("dot-rowtiles", {"kernel": "dot", "bm": 16, "bn": 32, "bk": 32, "split": 3}, 17),
 ]
 
 
@@ -133,7 +134,7 @@ def interpreted_results(out: str) -> None:
 
 def tiny_model_logits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """A one-layer LLaMA with every linear packed (4 bits, groups of 32, act-order): logits with the
-    torch backend and the triton backend, for a prompt (gemm) and one token (gemv)."""
+    torch backend and the triton backend, for a prompt (dot) and one token (gemv)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import quantizers
@@ -174,7 +175,7 @@ def compiled_results(out: str) -> None:
     assert not tg.interpreted(), "the kernels are interpreted"
     results = {}
     for name, (bits, K_, N_, gs, act, M, dtype) in GPU_CASES.items():
-        res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
+        res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype, GPU_SHIFT.get(name, 0.0))
         m = module_of(res, None, dtype).cuda()
         rt = tg.runtime_of(m)
         y = tg.matmul(x.cuda(), rt, None)  # the tuned config
@@ -190,13 +191,18 @@ GPU_CASES = {  # bits, K, N, group size, act-order, M, dtype
     for bits in (2, 3, 4, 8) for (K_, N_) in ((4096, 11008),) for act in (False, True) for M in (1, 16)
 } | {"4b-11008x4096-act-m1": (4, 11008, 4096, 128, True, 1, torch.bfloat16),
      "3b-11008x4096-act-m16": (3, 11008, 4096, 128, True, 16, torch.bfloat16),
-     "4b-4096x4096-channel-m1-fp16": (4, 4096, 4096, None, False, 1, torch.float16)}
+     "4b-4096x4096-channel-m1-fp16": (4, 4096, 4096, None, False, 1, torch.float16),
+     "4b-11008x4096-seq-m16-fp16-positive": (4, 11008, 4096, 128, False, 16, torch.float16),
+     "4b-4096x11008-seq-m64-positive": (4, 4096, 11008, 128, False, 64, torch.bfloat16),
+     "3b-4096x4096-act-m64": (3, 4096, 4096, 128, True, 64, torch.bfloat16)}
+# x shifted away from zero mean: the dot kernel takes (OFF + zero) · Σ x off a sum of x · (OFF + code)
+GPU_SHIFT = {"4b-11008x4096-seq-m16-fp16-positive": 1.0, "4b-4096x11008-seq-m64-positive": 1.0}
 
 
-def gpu_inputs(bits, K_, N_, gs, act, M, dtype) -> tuple[QuantResult, torch.Tensor]:
+def gpu_inputs(bits, K_, N_, gs, act, M, dtype, shift: float = 0.0) -> tuple[QuantResult, torch.Tensor]:
     seed = hash((bits, K_, N_, act, M)) % 2**31
     res = random_result(bits, K_, N_, gs, seed=seed, permuted=act)
-    x = torch.randn(M, K_, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    x = (torch.randn(M, K_, generator=torch.Generator().manual_seed(seed)) + shift).to(dtype)
     return res, x
 
 
@@ -217,7 +223,7 @@ def test_interpreted_kernels_match_dequantize_then_matmul(interpreted, name):
         assert y.shape == (rows, N) and y.dtype == dtype, (label, y.shape, y.dtype)
         err = rel_err(y, reference(res, x, bias))
         assert err < TOL[dtype], f"{name} {label} {dtype}: relative error {err:.2e}"
-        kernel = (RUNS[run][1].get("kernel") or ("gemv" if rows == 1 else "gemm"))
+        kernel = (RUNS[run][1].get("kernel") or ("gemv" if rows == 1 else "dot"))
         assert interpreted["paths"][(name, label)] == PATHS[kernel] + "-interpreted"
 
 
@@ -226,7 +232,7 @@ def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(
         M, _ = key
         assert names[0] == interpreted["defaults"][key] and len(names) == len(set(names)) >= 4, (key, names)
         kinds = {n.split()[0] for n in names}
-        assert kinds == ({"gemv"} if M == 1 else {"gemm", "dot"}), (key, names)
+        assert kinds == ({"gemv"} if M == 1 else {"dot"}), (key, names)
     # interpreted, nothing is timed: a product without a config runs the hand-picked default
     assert interpreted["tuning"] is False and interpreted["tuned"] is True
 
@@ -279,8 +285,9 @@ def test_bench_kernels_smoke_prints_rows(tmp_path):
 # ------------------------------------------------------------------------- sm_90, compiled without a GPU
 
 
-@pytest.mark.parametrize("kernel,bits", [("gemv", 4), ("gemv", 3), ("gemm", 4), ("gemm", 3), ("dot", 4), ("dot", 3)])
-def test_default_configs_compile_for_sm90_without_spills(kernel, bits, tmp_path):
+@pytest.mark.parametrize("kernel,bits,x", [("gemv", 4, "bf16"), ("gemv", 3, "bf16"), ("dot", 4, "bf16"),
+                                           ("dot", 3, "bf16"), ("dot", 4, "fp16")])
+def test_default_configs_compile_for_sm90_without_spills(kernel, bits, x, tmp_path):
     """The default launch of each kernel (act-order, split-K, bias) compiled ahead of time for an
     H100/H200, in a child that does not interpret: it builds, and keeps its registers (no local memory)."""
     code = f"""
@@ -292,19 +299,16 @@ from quantizers.kernels import triton_gemm as tg
 M = 1 if "{kernel}" == "gemv" else 16
 cfg = [c for c in tg.candidates(M, {bits}) if c.kernel == "{kernel}"][0]
 per, words = tg.BLOCKS[{bits}]
-fn = {{"gemv": tg._gemv_kernel, "gemm": tg._gemm_kernel, "dot": tg._dot_kernel}}["{kernel}"]
-consts = dict(BITS={bits}, PER=per, WORDS=words, BN=cfg.bn, SPLIT=True, GROUPING=0, HAS_PERM=True, HAS_BIAS=True,
+fn = {{"gemv": tg._gemv_kernel, "dot": tg._dot_kernel}}["{kernel}"]
+consts = dict(BITS={bits}, PER=per, WORDS=words, BN=cfg.bn, SPLIT=True, GROUPING=0, HAS_BIAS=True,
               EVEN_K=True, EVEN_N=True, stride_xk=1, stride_yn=1)
-if "{kernel}" != "dot":
-    consts.update(HIGH=tg.HIGH, BB=max(cfg.bk // per, 16 if "{kernel}" == "gemm" else 1))
 if "{kernel}" == "gemv":
-    consts.update(XSPLIT=cfg.xsplit, LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch)
-elif "{kernel}" == "gemm":
-    consts.update(BM=cfg.bm, DOT_F32=False, GROUPING=0 if 16 * per <= 128 else 1)
+    consts.update(HAS_PERM=True, HIGH=tg.HIGH, BB=cfg.bk // per, XSPLIT=cfg.xsplit, LOG_PER=per.bit_length() - 1,
+                  PREFETCH=cfg.prefetch)
 else:
     consts.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=False)
-ptr = {{"X": "*bf16", "QW": "*i32", "S": "*fp16", "Z": "*u8", "PERM": "*i32", "GIDX": "*i32", "BIAS": "*bf16",
-       "Y": "*bf16", "WS": "*fp32", "WSI": "*i32", "CNT": "*i32"}}
+ptr = {{"X": "*{x}", "QW": "*i32", "S": "*fp16", "Z": "*u8", "PERM": "*i32", "GIDX": "*i32", "BIAS": "*{x}",
+       "Y": "*{x}", "WS": "*fp32", "WSI": "*i32", "CNT": "*i32"}}
 sig = {{a: ptr.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}}
 aligned = set(ptr) | {{"N", "K", "M", "stride_xm", "stride_ym", "group_size"}}  # what the JIT sees at 7B shapes
 attrs = {{(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned and a not in consts}}
@@ -347,7 +351,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, name):
     bits, K_, N_, gs, act, M, dtype = GPU_CASES[name]
-    res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
+    res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype, GPU_SHIFT.get(name, 0.0))
     y = compiled[name]["y"]
     assert y.dtype == dtype and y.shape == (M, N_)
     ref = reference(res, x, None)
