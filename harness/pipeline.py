@@ -7,7 +7,6 @@ outputs with them, move it back. Only one decoder layer is on the device at a ti
 """
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,8 +212,8 @@ def _solve(method: Method, qcfg: Any, Ws: list[torch.Tensor], H: torch.Tensor | 
         results = list(method.shared(Ws, H, qcfg))
     else:
         # the plain path is the plain solver too (e.g. GPTQ's torch column loop, not its GPU kernel)
-        kw = {} if shared or "kernel" not in inspect.signature(method.quantize).parameters else {"kernel": "torch"}
-        results = [method.quantize(W, H, qcfg, **kw) for W in Ws]
+        solve = method.quantize if shared or method.plain is None else method.plain
+        results = [solve(W, H, qcfg) for W in Ws]
     _sync(device)
     return results, time.perf_counter() - t0
 

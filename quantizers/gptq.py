@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 
 import torch
@@ -320,4 +321,5 @@ def _solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, kernel: str):
     return codes[:, invperm], scales, zeros.to(torch.int32), group[invperm].to(torch.int32), loss_rows / 2, stats
 
 
-QUANTIZERS.register("gptq", Method("gptq", GPTQConfig, quantize, needs_hessian=True, shared=quantize_shared))
+QUANTIZERS.register("gptq", Method("gptq", GPTQConfig, quantize, needs_hessian=True, shared=quantize_shared,
+                                   plain=partial(quantize, kernel="torch")))

@@ -55,6 +55,9 @@ class Method:
     ``shared``, when given, solves several weights that share one ``H`` (the linears fed by the same
     input, e.g. q/k/v) as one problem: ``shared(Ws, H, cfg) -> [QuantResult]``, each result as
     ``quantize(W, H, cfg)`` would return it (rows are independent).
+    ``plain``, when given, is the reference solver ``plain(W, H, cfg)`` that the pipeline's plain path
+    runs instead of ``quantize`` (the same result by plainer means, e.g. GPTQ's torch column loop
+    instead of its GPU kernel).
     """
 
     name: str
@@ -63,6 +66,7 @@ class Method:
     needs_hessian: bool
     estimate: Callable[..., dict[str, Any]] | None = None
     shared: Callable[..., list[Any]] | None = None
+    plain: Callable[..., Any] | None = None
 
 
 QUANTIZERS: Registry[Method] = Registry("quantizer")
