@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from quantizers.kernels import l2_copies
 from quantizers.qlinear import QuantLinear
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): attention, up/gate, down projections
@@ -61,10 +62,7 @@ def random_linear(bits: int, K: int, N: int, group: int, act_order: bool, device
 
 def copies_for(nbytes: int, device: torch.device) -> int:
     """Weight copies whose bytes exceed twice the L2 cache (at least 2), so each product reads HBM."""
-    if device.type != "cuda":
-        return 1
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-    return max(2, math.ceil(2 * l2 / nbytes))
+    return l2_copies(nbytes, device, least=2)
 
 
 class Timer:
@@ -220,7 +218,7 @@ def rel_err(y: torch.Tensor, x: torch.Tensor, lin: QuantLinear) -> float:
 
 def triton_columns(tg: Any, lins: list[QuantLinear], x: torch.Tensor, timer: Timer, bf16: float,
                    bf16_eager: float) -> dict[str, Any]:
-    """Default config (what ``QuantLinear`` runs), the other kernel family, eager launches, error."""
+    """The tuned config (what ``QuantLinear`` runs), the hand-picked default, eager launches, error."""
     M = x.shape[0]
     for m in lins:
         m.backend = "triton"
@@ -251,23 +249,21 @@ def tune_rows(device: torch.device, timer: Timer, tg: Any) -> list[dict]:
         x = torch.randn(M, K, device=device, dtype=dtype)
         bf16 = timer.graph_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense])
         for bits in (4, 3):
-            for act in (False,):
-                base = random_linear(bits, K, N, GROUP, act, device, dtype, seed=bits)
-                lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
-                rts = [tg.runtime_of(m) for m in lins]
-                default = tg.default_config(M, bits)
-                configs = tg.candidates(M, bits)  # the default first
-                for cfg in configs:
-                    try:
-                        us = timer.graph_us([lambda rt=rt, cfg=cfg, x=x: tg.matmul(x, rt, None, cfg) for rt in rts])
-                        err = rel_err(tg.matmul(x, rts[0], None, cfg), x, lins[0])
-                    except Exception as exc:  # a config that does not build here is reported, not fatal
-                        rows.append({"M": M, "bits": bits, "act-order": act, "config": cfg.name(),
-                                     "error": str(exc).splitlines()[0][:100]})
-                        continue
-                    rows.append({"M": M, "bits": bits, "act-order": act, "config": tg.fit_config(cfg, rts[0])[0].name(),
-                                 "default": cfg == default, "µs": us, "× bf16": bf16 / us, "rel err": err})
-                del lins, rts, base
+            base = random_linear(bits, K, N, GROUP, False, device, dtype, seed=bits)
+            lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
+            rts = [tg.runtime_of(m) for m in lins]
+            default = tg.default_config(M, bits)
+            for cfg in tg.candidates(M, bits):  # the default first
+                try:
+                    us = timer.graph_us([lambda rt=rt, cfg=cfg, x=x: tg.matmul(x, rt, None, cfg) for rt in rts])
+                    err = rel_err(tg.matmul(x, rts[0], None, cfg), x, lins[0])
+                except Exception as exc:  # a config that does not build here is reported, not fatal
+                    rows.append({"M": M, "bits": bits, "act-order": False, "config": cfg.name(),
+                                 "error": str(exc).splitlines()[0][:100]})
+                    continue
+                rows.append({"M": M, "bits": bits, "act-order": False, "config": tg.fit_config(cfg, rts[0])[0].name(),
+                             "default": cfg == default, "µs": us, "× bf16": bf16 / us, "rel err": err})
+            del lins, rts, base
     return rows
 
 

@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantizers.kernels import l2_copies
 from quantizers.pack import unpack_rows
 from quantizers.qlinear import Backend, QuantLinear, register_backend
 
@@ -663,11 +664,10 @@ def _tune_key(rt: Runtime, M: int, x: torch.Tensor, has_bias: bool) -> tuple:
 def _weight_copies(rt: Runtime) -> list[Runtime]:
     """``rt`` and copies of its weights, enough (up to ``TUNE_COPIES``) that a round over them streams more
     than twice the L2 cache, as a decode step does; fewer when memory is short."""
-    l2 = getattr(torch.cuda.get_device_properties(rt.qweight.device), "L2_cache_size", 50 * 2**20)
-    nbytes = rt.qweight.nbytes + rt.scales.nbytes + rt.zeros.nbytes
+    wanted = l2_copies(rt.qweight.nbytes + rt.scales.nbytes + rt.zeros.nbytes, rt.qweight.device, most=TUNE_COPIES)
     copies = [rt]
     try:
-        while len(copies) < min(TUNE_COPIES, -(-2 * l2 // nbytes)):
+        while len(copies) < wanted:
             copies.append(replace(rt, qweight=rt.qweight.clone(), scales=rt.scales.clone(), zeros=rt.zeros.clone(),
                                   plans={}))
     except torch.cuda.OutOfMemoryError:
