@@ -12,8 +12,9 @@ Timing: GPU time of a CUDA graph that replays the product over enough weight cop
 twice the L2 cache (a decode step reads each layer's weight once, from HBM), median of 10 replays after a
 warm-up, divided by the products in the graph; CUDA events. ``eager`` columns time the same products
 launched from Python (CPU launch cost included). ``rel err``: the Triton output against the float32
-product with the dequantized weight. ``--tune`` (instead of the table) times every candidate config (M = 1, 16, 64)
-on 4096×11008 (3 and 4 bits) and prints them, to refine ``candidates`` / ``default_config``.
+product with the dequantized weight. ``--tune`` (instead of the table) times every candidate config (M = 1, 16, 64,
+or ``--rows``) on 4096×11008 (3 and 4 bits, or ``--bits``) and prints them, to refine ``candidates`` /
+``default_config``.
 ``--smoke``: tiny shapes on the CPU (the kernels run only where Triton's interpreter is on:
 ``TRITON_INTERPRET=1``), seconds long, wall-clock medians.
 """
@@ -238,17 +239,19 @@ def triton_columns(tg: Any, lins: list[QuantLinear], x: torch.Tensor, timer: Tim
     return out
 
 
-def tune_rows(device: torch.device, timer: Timer, tg: Any) -> list[dict]:
-    """Every alternative config on 4096×11008 (groups of 128), 3 and 4 bits, act-order off (the main
-    table compares act-order on and off with the defaults)."""
+def tune_rows(device: torch.device, timer: Timer, tg: Any, bits_list: list[int] | None = None,
+              rows_list: list[int] | None = None) -> list[dict]:
+    """Every alternative config on 4096×11008 (groups of 128), ``bits_list`` (default 4 and 3 bits) at
+    ``rows_list`` rows of x (default 1, 16, 64), act-order off (the main table compares act-order on
+    and off with the defaults)."""
     K, N = 4096, 11008
     dtype = torch.bfloat16
     dense = [torch.randn(N, K, device=device, dtype=dtype) for _ in range(copies_for(2 * K * N, device))]
     rows = []
-    for M in (1, 16, 64):
+    for M in rows_list or (1, 16, 64):
         x = torch.randn(M, K, device=device, dtype=dtype)
         bf16 = timer.graph_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense])
-        for bits in (4, 3):
+        for bits in bits_list or (4, 3):
             base = random_linear(bits, K, N, GROUP, False, device, dtype, seed=bits)
             lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
             rts = [tg.runtime_of(m) for m in lins]
@@ -290,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of the table, time every alternative tile config on 4096×11008 (GPU)")
     parser.add_argument("--shapes", default=None, help="K×N list to run, e.g. 4096x11008,11008x4096 (default all)")
     parser.add_argument("--bits", default=None, help="bit widths to run, e.g. 3,4 (default 2,3,4,8)")
+    parser.add_argument("--rows", default=None, help="--tune: rows M of x to time, e.g. 1,16 (default 1,16,64)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --tune times the compiled kernels: it needs Triton and a CUDA GPU", file=sys.stderr)
             return 2
         header = f"kernels --tune: 4096×11008, bf16 activations, groups of {GROUP}, act-order off, {name}; {timing}"
-        tune = tune_rows(device, timer, tg)
+        tune = tune_rows(device, timer, tg, [int(b) for b in args.bits.split(",")] if args.bits else None,
+                         [int(m) for m in args.rows.split(",")] if args.rows else None)
         print(header)
         print(_table(tune))
     else:

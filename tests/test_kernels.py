@@ -33,7 +33,7 @@ LAYOUTS = {  # group_size, act-order, irregular groups
     "irregular-act": (None, True, True),
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-PATHS = {"gemv": "triton-gemv-splitk", "dot": "triton-dot"}
+PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot"}
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # relative, to the float32 product
 # (name, config fields, rows of x): the defaults by M and the dot kernel (every case), then tiles that exercise
 # the other code paths (one per case, in turn): dot without split-K, x read per element, prefetch on two rows,
@@ -194,9 +194,13 @@ GPU_CASES = {  # bits, K, N, group size, act-order, M, dtype
      "4b-4096x4096-channel-m1-fp16": (4, 4096, 4096, None, False, 1, torch.float16),
      "4b-11008x4096-seq-m16-fp16-positive": (4, 11008, 4096, 128, False, 16, torch.float16),
      "4b-4096x11008-seq-m64-positive": (4, 4096, 11008, 128, False, 64, torch.bfloat16),
-     "3b-4096x4096-act-m64": (3, 4096, 4096, 128, True, 64, torch.bfloat16)}
+     "3b-4096x4096-act-m64": (3, 4096, 4096, 128, True, 64, torch.bfloat16),
+     "4b-4096x11008-seq-m1-positive": (4, 4096, 11008, 128, False, 1, torch.bfloat16),
+     "2b-4112x1000-act-m1-positive": (2, 4112, 1000, 128, True, 1, torch.bfloat16)}
 # x shifted away from zero mean: the dot kernel takes (OFF + zero) · Σ x off a sum of x · (OFF + code)
-GPU_SHIFT = {"4b-11008x4096-seq-m16-fp16-positive": 1.0, "4b-4096x11008-seq-m64-positive": 1.0}
+# and for the GEMV's bfloat16 pairs (sums that do not cancel; K and N off the tiles)
+GPU_SHIFT = {"4b-11008x4096-seq-m16-fp16-positive": 1.0, "4b-4096x11008-seq-m64-positive": 1.0,
+             "4b-4096x11008-seq-m1-positive": 1.0, "2b-4112x1000-act-m1-positive": 1.0}
 
 
 def gpu_inputs(bits, K_, N_, gs, act, M, dtype, shift: float = 0.0) -> tuple[QuantResult, torch.Tensor]:
@@ -285,7 +289,8 @@ def test_bench_kernels_smoke_prints_rows(tmp_path):
 # ------------------------------------------------------------------------- sm_90, compiled without a GPU
 
 
-@pytest.mark.parametrize("kernel,bits,x", [("gemv", 4, "bf16"), ("gemv", 3, "bf16"), ("dot", 4, "bf16"),
+@pytest.mark.parametrize("kernel,bits,x", [("gemv", 4, "bf16"), ("gemv", 2, "bf16"), ("gemv", 4, "fp16"),
+                                           ("gemv", 3, "bf16"), ("dot", 4, "bf16"),
                                            ("dot", 3, "bf16"), ("dot", 4, "fp16")])
 def test_default_configs_compile_for_sm90_without_spills(kernel, bits, x, tmp_path):
     """The default launch of each kernel (act-order, split-K, bias) compiled ahead of time for an
@@ -304,7 +309,8 @@ consts = dict(BITS={bits}, PER=per, WORDS=words, BN=cfg.bn, SPLIT=True, GROUPING
               EVEN_K=True, EVEN_N=True, stride_xk=1, stride_yn=1)
 if "{kernel}" == "gemv":
     consts.update(HAS_PERM=True, HIGH=tg.HIGH, BB=cfg.bk // per, XSPLIT=cfg.xsplit, LOG_PER=per.bit_length() - 1,
-                  PREFETCH=cfg.prefetch)
+                  PREFETCH=cfg.prefetch, PAIRS=cfg.pairs and "{x}" == "bf16" and {bits} in tg.PAIR_BITS,
+                  GROUP_LOG=tg._group_log(128, cfg.bk))
 else:
     consts.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=False)
 ptr = {{"X": "*{x}", "QW": "*i32", "S": "*fp16", "Z": "*u8", "PERM": "*i32", "GIDX": "*i32", "BIAS": "*{x}",
@@ -357,6 +363,9 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     ref = reference(res, x, None)
     assert rel_err(y, ref) < TOL[dtype]
     assert compiled[name]["path"] in PATHS.values(), compiled[name]["path"]
+    if M == 1 and dtype == torch.bfloat16 and bits in (2, 4):  # the pairs unless tuning picked the float32 path
+        pairs = not compiled[name]["tuned"].endswith("-pairs")
+        assert compiled[name]["path"] == PATHS["gemv-pairs" if pairs else "gemv"]
     others = {k: v for k, v in compiled[name].items() if k not in ("y", "path", "tuned")}
     assert compiled[name]["tuned"] in others and len(others) >= 4
     for label, y_cfg in others.items():

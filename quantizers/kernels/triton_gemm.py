@@ -61,6 +61,8 @@ import triton
 import triton.language as tl
 
 from quantizers.kernels import l2_copies
+from quantizers.kernels import ptx
+from quantizers.kernels.ptx import PAIR_BITS, pair_asm, pair_constraints
 from quantizers.pack import unpack_rows
 from quantizers.qlinear import Backend, QuantLinear, register_backend
 
@@ -68,7 +70,7 @@ BLOCKS = {2: (16, 1), 3: (32, 3), 4: (8, 1), 8: (4, 1)}  # bits → (codes, int3
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC | q) reads as 2**23 + q
 HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there (a kernel constexpr)
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
-PATHS = {"gemv": "triton-gemv-splitk", "dot": "triton-dot"}
+PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot"}
 
 
 def interpreted() -> bool:
@@ -162,6 +164,49 @@ def _column(xt, j: tl.constexpr, BB: tl.constexpr, PER: tl.constexpr, LOG_PER: t
     return tl.reshape(cur, (BB,))
 
 
+NEG_128: tl.constexpr = tl.constexpr(ptx.BF16_NEG_128)  # bfloat16 −128: (NEG_128 | zero) = −(128 + zero)
+PAIR_ASM2: tl.constexpr = tl.constexpr(pair_asm(2))
+PAIR_ASM4: tl.constexpr = tl.constexpr(pair_asm(4))
+PAIR_IO2: tl.constexpr = tl.constexpr(pair_constraints(2))
+PAIR_IO4: tl.constexpr = tl.constexpr(pair_constraints(4))
+
+
+@triton.jit
+def _word_dot(w, zz, xp, BITS: tl.constexpr, BB: tl.constexpr):
+    """``Σ x (code − zero)`` of each packed word of ``w`` (BB, BN) uint32 (:func:`ptx.pair_asm`); ``zz``
+    (BN,) the packed ``−(128 + zero)``, ``xp`` (BB, 16/BITS) the packed pairs of ``x``."""
+    P: tl.constexpr = 16 // BITS
+    LOG_P: tl.constexpr = 4 - (BITS // 2)  # log2(P): 2 bits → 3, 4 bits → 2
+    if BITS == 2:
+        x0 = _column(xp, 0, BB, P, LOG_P)[:, None]
+        x1 = _column(xp, 1, BB, P, LOG_P)[:, None]
+        x2 = _column(xp, 2, BB, P, LOG_P)[:, None]
+        x3 = _column(xp, 3, BB, P, LOG_P)[:, None]
+        x4 = _column(xp, 4, BB, P, LOG_P)[:, None]
+        x5 = _column(xp, 5, BB, P, LOG_P)[:, None]
+        x6 = _column(xp, 6, BB, P, LOG_P)[:, None]
+        x7 = _column(xp, 7, BB, P, LOG_P)[:, None]
+        r = tl.inline_asm_elementwise(PAIR_ASM2, PAIR_IO2, [w, zz[None, :], x0, x1, x2, x3, x4, x5,
+                                      x6, x7], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        x0 = _column(xp, 0, BB, P, LOG_P)[:, None]
+        x1 = _column(xp, 1, BB, P, LOG_P)[:, None]
+        x2 = _column(xp, 2, BB, P, LOG_P)[:, None]
+        x3 = _column(xp, 3, BB, P, LOG_P)[:, None]
+        r = tl.inline_asm_elementwise(PAIR_ASM4, PAIR_IO4, [w, zz[None, :], x0, x1, x2, x3],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    return r
+
+
+@triton.jit
+def _pairs_of_x(xt, BB: tl.constexpr, PER: tl.constexpr):
+    """(BB, PER) bfloat16 ``x`` of a tile → (BB, PER/2) uint32: ``x_i`` (low half) with ``x_{i + PER/2}``."""
+    P: tl.constexpr = PER // 2
+    xb = xt.to(tl.uint16, bitcast=True).to(tl.uint32)
+    lo, hi = tl.split(tl.permute(tl.reshape(xb, (BB, 2, P)), (0, 2, 1)))
+    return lo | (hi << 16)
+
+
 @triton.jit
 def _finish(acc, y_ptrs, ws_ptrs, wsi_ptrs, cnt_ptr, mask, bias, SPLIT: tl.constexpr):
     """Write ``acc + bias`` to ``y_ptrs``; with ``SPLIT`` add ``acc`` into the workspace (``ws_ptrs``
@@ -202,7 +247,7 @@ def _gemv_kernel(
     BITS: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
     SPLIT: tl.constexpr, GROUPING: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HIGH: tl.constexpr, XSPLIT: tl.constexpr, LOG_PER: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, PAIRS: tl.constexpr, GROUP_LOG: tl.constexpr,
 ):
     """One row ``m`` of ``x`` × a (K range, BN) slice of ``W``: program (n tile, k split, m).
 
@@ -230,18 +275,49 @@ def _gemv_kernel(
         hw1 = w1 >> HIGH
         hw2 = w2 >> HIGH
         if GROUPING == TILE:  # one scale and zero per column
-            g = (t * BK) // group_size
+            if GROUP_LOG >= 0:  # group_size = BK · 2**GROUP_LOG: a shift, not a division
+                g = t >> GROUP_LOG
+            else:
+                g = (t * BK) // group_size
             sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
-            zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)  # (BN,)
+            if PAIRS:  # −(128 + zero) as a bfloat16 pair
+                zz = (tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.uint32) | NEG_128) * 0x10001
+            else:
+                zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)  # (BN,)
         part = tl.zeros((BB, BN), dtype=tl.float32)
-        if XSPLIT:
+        if PAIRS:  # bfloat16 x, TILE grouping, 2 or 4 bits: packed pairs (see ptx.pair_asm)
+            P: tl.constexpr = PER // 2
+            klo = t * BK + (tl.arange(0, BB) * PER)[:, None] + tl.arange(0, P)[None, :]  # (BB, P) first halves
+            khi = klo + P
+            if EVEN_K:
+                if HAS_PERM:
+                    xlo = tl.load(PERM + klo)
+                    xhi = tl.load(PERM + khi)
+                else:
+                    xlo = klo
+                    xhi = khi
+                lo = tl.load(x_row + xlo * stride_xk)
+                hi = tl.load(x_row + xhi * stride_xk)
+            else:
+                if HAS_PERM:
+                    xlo = tl.load(PERM + klo, mask=klo < K, other=0)
+                    xhi = tl.load(PERM + khi, mask=khi < K, other=0)
+                else:
+                    xlo = klo
+                    xhi = khi
+                lo = tl.load(x_row + xlo * stride_xk, mask=klo < K, other=0.0)
+                hi = tl.load(x_row + xhi * stride_xk, mask=khi < K, other=0.0)
+            lo = lo.to(tl.uint16, bitcast=True)
+            hi = hi.to(tl.uint16, bitcast=True)
+            part = _word_dot(w0, zz, lo.to(tl.uint32) | (hi.to(tl.uint32) << 16), BITS, BB)
+        if XSPLIT and not PAIRS:
             kt = t * BK + tl.arange(0, BK)
             if HAS_PERM:
                 xkt = tl.load(PERM + kt, mask=kt < K, other=0)
             else:
                 xkt = kt
             xt = tl.reshape(tl.load(x_row + xkt * stride_xk, mask=kt < K, other=0.0).to(tl.float32), (BB, PER))
-        for j in tl.static_range(PER):
+        for j in tl.static_range(0 if PAIRS else PER):
             k = t * BK + offs_b * PER + j  # (BB,) sorted k of code j of each block
             k_ok = k < K
             if XSPLIT:
@@ -484,11 +560,12 @@ class Config:
     num_stages: int = 1
     xsplit: bool = True
     prefetch: bool = False
+    pairs: bool = True
 
     def name(self) -> str:
         split = f"s{self.split}" if self.split else f"w{self.warps_per_sm}"
         if self.kernel == "gemv":
-            flags = ("+x" if self.xsplit else "") + ("+pf" if self.prefetch else "")
+            flags = ("+x" if self.xsplit else "") + ("+pf" if self.prefetch else "") + ("" if self.pairs else "-pairs")
             return f"gemv n{self.bn} k{self.bk} {split} x{self.num_warps}{flags}"
         return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}"
 
@@ -529,6 +606,8 @@ def candidates(M: int, bits: int) -> list[Config]:
                 Config("gemv", bn=128, bk=128, num_warps=1, warps_per_sm=8),
                 Config("gemv", bn=256, bk=128, num_warps=2, warps_per_sm=8),
                 Config("gemv", bn=512, bk=64, num_warps=4)]
+        if bits in PAIR_BITS:  # the float32 path the bfloat16 pairs replace (what float16 x runs)
+            out.append(replace(out[0], pairs=False))
         return list(dict.fromkeys(out))
     bm = min(max(16, triton.next_power_of_2(M)), 128)
     if bm <= 32:
@@ -590,6 +669,14 @@ def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
     return replace(cfg, bk=bk), int(TILE if gs % bk == 0 else ELEMENT)
 
 
+def _group_log(group_size: int | None, bk: int) -> int:
+    """``log2(group_size / bk)`` when a group is a power-of-two number of ``bk``-code tiles, else −1."""
+    if group_size is None or group_size % bk:
+        return -1
+    tiles = group_size // bk
+    return tiles.bit_length() - 1 if tiles & (tiles - 1) == 0 else -1
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Everything about one launch that depends on the rows, dtype and config but not on the tensors of
@@ -623,12 +710,18 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     gather_x = False  # act-order on the dot kernel: x's columns put in sorted order before the launch
+    path = PATHS[cfg.kernel]
     if cfg.kernel == "gemv":
         kernel = _gemv_kernel
+        pairs = (cfg.pairs and dtype == torch.bfloat16 and rt.bits in PAIR_BITS and grouping == int(TILE)
+                 and not interpreted())
+        if pairs:
+            path = PATHS["gemv-pairs"]
         fixed.update(PERM=rt.perm if rt.perm is not None else rt.g_sorted, HAS_PERM=rt.perm is not None,
                      magic=int(MAGIC), HIGH=HIGH, BB=cfg.bk // per,
                      XSPLIT=cfg.xsplit and cfg.bk >= 32 * cfg.num_warps,  # each thread gathers whole elements
-                     LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch)
+                     LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, PAIRS=pairs,
+                     GROUP_LOG=_group_log(rt.group_size, cfg.bk))
     elif cfg.kernel == "dot":
         kernel = _dot_kernel
         gather_x = rt.perm is not None
@@ -636,7 +729,7 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
     else:
         raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or dot)")
     return _Plan(kernel, (n_tiles, split, m_tiles), fixed, (M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
-                 PATHS[cfg.kernel] + ("-interpreted" if interpreted() else ""), gather_x)
+                 path + ("-interpreted" if interpreted() else ""), gather_x)
 
 
 # ------------------------------------------------------------------------------------------------ tuning

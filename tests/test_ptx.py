@@ -1,0 +1,117 @@
+"""The GEMV's inline PTX (``quantizers/kernels/ptx.py``) run on the CPU by a small interpreter of the few
+instructions it uses, against ``Σ x (code − zero)`` computed in float64: the bit tricks (which code lands
+in which half, the exponent of 128, the zero's sign) are checked without a GPU. The GPU tests run the
+same text compiled."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from quantizers.kernels.ptx import PAIR_BITS, pair_asm, pair_constraints
+
+M32 = np.uint64(0xFFFFFFFF)
+
+
+def bf16_round(v: np.ndarray) -> np.ndarray:
+    """float64 → nearest bfloat16 (ties to even), as float64."""
+    m, e = np.frexp(v)  # v = m · 2**e, 0.5 ≤ |m| < 1
+    return np.ldexp(np.rint(m * 256.0), e - 8)  # 8 significant bits; np.rint: ties to even
+
+
+def bf16_bits(v: np.ndarray) -> np.ndarray:
+    return (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint64)
+
+
+def halves(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A register of two bfloat16 as their float64 values (low half, high half)."""
+    as_f32 = lambda h: (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+    return as_f32(r & np.uint64(0xFFFF)), as_f32(r >> np.uint64(16))
+
+
+def run_ptx(asm: str, constraints: str, inputs: list[np.ndarray]) -> np.ndarray:
+    """Interpret ``asm`` over arrays of 32-bit registers (as uint64): ``$1 …`` the inputs; returns ``$0``."""
+    n_out = constraints.count("=")
+    regs: dict[str, np.ndarray] = {f"${n_out + i}": v.astype(np.uint64) for i, v in enumerate(inputs)}
+
+    def val(tok: str) -> np.ndarray:
+        tok = tok.strip()
+        return np.full_like(inputs[0], int(tok, 0), dtype=np.uint64) if tok[0].isdigit() else regs[tok]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *a = [t.strip() for t in rest.split(",")]
+        if op == "mov.b32":
+            r = val(a[0])
+        elif op == "shr.u32":
+            r = val(a[0]) >> np.uint64(int(a[1]))
+        elif op == "shl.b32":
+            r = (val(a[0]) << np.uint64(int(a[1]))) & M32
+        elif op == "and.b32":
+            r = val(a[0]) & val(a[1])
+        elif op == "lop3.b32":
+            x, y, z, lut = val(a[0]), val(a[1]), val(a[2]), int(a[3], 0)
+            r = np.zeros_like(x)
+            for i in range(8):  # lut bit i: the result for (x, y, z) bits (i >> 2 & 1, i >> 1 & 1, i & 1)
+                if lut >> i & 1:
+                    r |= (x if i & 4 else ~x & M32) & (y if i & 2 else ~y & M32) & (z if i & 1 else ~z & M32)
+        elif op == "fma.rn.bf16x2":
+            (xl, xh), (yl, yh), (zl, zh) = halves(val(a[0])), halves(val(a[1])), halves(val(a[2]))
+            r = bf16_bits(bf16_round(xl * yl + zl)) | (bf16_bits(bf16_round(xh * yh + zh)) << np.uint64(16))
+        elif op == "add.f32":
+            f = lambda v: v.astype(np.uint32).view(np.float32)  # noqa: E731
+            r = (f(val(a[0])) + f(val(a[1]))).view(np.uint32).astype(np.uint64)
+        else:
+            raise AssertionError(f"the interpreter lacks {op!r}: teach it before trusting the test")
+        regs[d] = r
+    return regs["$0"].astype(np.uint32).view(np.float32)
+
+
+def pair_inputs(bits: int, n: int, rng: np.random.Generator, integer_x: bool):
+    """Random words, zeros and x (as bfloat16 values) and the operands the PTX takes."""
+    per = 32 // bits
+    codes = rng.integers(0, 1 << bits, size=(n, per))
+    words = np.zeros(n, dtype=np.uint64)
+    for i in range(per):
+        words |= codes[:, i].astype(np.uint64) << np.uint64(bits * i)
+    zeros = rng.integers(0, 1 << bits, size=n)
+    x = rng.integers(-2, 3, size=(n, per)).astype(np.float64) if integer_x else bf16_round(rng.standard_normal((n, per)))
+    zz = (np.uint64(0xC300) | zeros.astype(np.uint64)) * np.uint64(0x10001)
+    p = per // 2
+    xp = [bf16_bits(x[:, i]) | (bf16_bits(x[:, i + p]) << np.uint64(16)) for i in range(p)]
+    return codes, zeros, x, [words, zz, *xp]
+
+
+@pytest.mark.parametrize("bits", PAIR_BITS)
+def test_pair_asm_sums_exactly_on_small_integers(bits):
+    """x in {−2 … 2}: every product and partial sum is a small integer, exact in bfloat16, so the PTX must
+    give Σ x (code − zero) exactly; a code in the wrong half, a wrong exponent or zero would not."""
+    rng = np.random.default_rng(bits)
+    codes, zeros, x, ops = pair_inputs(bits, 4096, rng, integer_x=True)
+    got = run_ptx(pair_asm(bits), pair_constraints(bits), ops)
+    want = (x * (codes - zeros[:, None])).sum(axis=1)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(want).max() > 0
+
+
+@pytest.mark.parametrize("bits", PAIR_BITS)
+def test_pair_asm_rounds_like_bfloat16_on_random_x(bits):
+    """Random normal x: the sum matches float64 to bfloat16 rounding (a few products per half, each
+    rounded once), and the per-word error is what the GPU tests' tolerance allows for."""
+    rng = np.random.default_rng(10 + bits)
+    codes, zeros, x, ops = pair_inputs(bits, 8192, rng, integer_x=False)
+    got = run_ptx(pair_asm(bits), pair_constraints(bits), ops).astype(np.float64)
+    want = (x * (codes - zeros[:, None])).sum(axis=1)
+    scale = np.abs(x * (codes - zeros[:, None])).sum(axis=1) + 1e-30
+    err = np.abs(got - want) / scale
+    assert err.max() < (16 // bits) * 2.0**-8 and np.median(err) < 2.0**-8
+
+
+def test_pair_asm_takes_only_widths_that_fit_bfloat16():
+    with pytest.raises(ValueError, match="bits"):
+        pair_asm(8)
+    assert re.findall(r"\$(\d+)", pair_asm(4)) and max(int(v) for v in re.findall(r"\$(\d+)", pair_asm(4))) == 6
