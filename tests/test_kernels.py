@@ -196,11 +196,11 @@ GPU_CASES = {  # bits, K, N, group size, act-order, M, dtype
      "4b-4096x11008-seq-m64-positive": (4, 4096, 11008, 128, False, 64, torch.bfloat16),
      "3b-4096x4096-act-m64": (3, 4096, 4096, 128, True, 64, torch.bfloat16),
      "4b-4096x11008-seq-m1-positive": (4, 4096, 11008, 128, False, 1, torch.bfloat16),
-     "2b-4112x1000-act-m1-positive": (2, 4112, 1000, 128, True, 1, torch.bfloat16)}
+     "2b-4112x1008-act-m1-positive": (2, 4112, 1008, 128, True, 1, torch.bfloat16)}
 # x shifted away from zero mean: the dot kernel takes (OFF + zero) · Σ x off a sum of x · (OFF + code)
 # and for the GEMV's bfloat16 pairs (sums that do not cancel; K and N off the tiles)
 GPU_SHIFT = {"4b-11008x4096-seq-m16-fp16-positive": 1.0, "4b-4096x11008-seq-m64-positive": 1.0,
-             "4b-4096x11008-seq-m1-positive": 1.0, "2b-4112x1000-act-m1-positive": 1.0}
+             "4b-4096x11008-seq-m1-positive": 1.0, "2b-4112x1008-act-m1-positive": 1.0}
 
 
 def gpu_inputs(bits, K_, N_, gs, act, M, dtype, shift: float = 0.0) -> tuple[QuantResult, torch.Tensor]:
@@ -310,7 +310,7 @@ consts = dict(BITS={bits}, PER=per, WORDS=words, BN=cfg.bn, SPLIT=True, GROUPING
 if "{kernel}" == "gemv":
     consts.update(HAS_PERM=True, HIGH=tg.HIGH, BB=cfg.bk // per, XSPLIT=cfg.xsplit, LOG_PER=per.bit_length() - 1,
                   PREFETCH=cfg.prefetch, PAIRS=cfg.pairs and "{x}" == "bf16" and {bits} in tg.PAIR_BITS,
-                  GROUP_LOG=tg._group_log(128, cfg.bk))
+                  GROUP_LOG=tg._group_log(128, cfg.bk), **tg.pair_consts({bits}))
 else:
     consts.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=False)
 ptr = {{"X": "*{x}", "QW": "*i32", "S": "*fp16", "Z": "*u8", "PERM": "*i32", "GIDX": "*i32", "BIAS": "*{x}",

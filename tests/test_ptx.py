@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from quantizers.kernels.ptx import PAIR_BITS, pair_asm, pair_constraints
+from quantizers.kernels.ptx import PAIR_BITS, WORDS, pair_asm, pair_constraints, pair_plan, zero_pair
 
 M32 = np.uint64(0xFFFFFFFF)
 
@@ -49,6 +49,8 @@ def run_ptx(asm: str, constraints: str, inputs: list[np.ndarray]) -> np.ndarray:
             r = val(a[0])
         elif op == "shr.u32":
             r = val(a[0]) >> np.uint64(int(a[1]))
+        elif op == "shf.r.clamp.b32":  # (a[1]:a[0]) >> n, n ≤ 32
+            r = ((val(a[0]) | (val(a[1]) << np.uint64(32))) >> np.uint64(min(int(a[2]), 32))) & M32
         elif op == "shl.b32":
             r = (val(a[0]) << np.uint64(int(a[1]))) & M32
         elif op == "and.b32":
@@ -72,18 +74,26 @@ def run_ptx(asm: str, constraints: str, inputs: list[np.ndarray]) -> np.ndarray:
 
 
 def pair_inputs(bits: int, n: int, rng: np.random.Generator, integer_x: bool):
-    """Random words, zeros and x (as bfloat16 values) and the operands the PTX takes."""
-    per = 32 // bits
+    """Random blocks (codes packed as GPTQ does: code j at bit bits·j of the block's words), zeros and x
+    (bfloat16 values), and the operands the PTX takes."""
+    per = WORDS[bits] * 32 // bits
     codes = rng.integers(0, 1 << bits, size=(n, per))
-    words = np.zeros(n, dtype=np.uint64)
-    for i in range(per):
-        words |= codes[:, i].astype(np.uint64) << np.uint64(bits * i)
-    zeros = rng.integers(0, 1 << bits, size=n)
+    stream = [0] * n
+    for row in range(n):  # one Python int per block: the codes at bits·j, straddling words at 3 bits
+        stream[row] = sum(int(c) << (bits * j) for j, c in enumerate(codes[row]))
+    words = [np.array([(v >> (32 * w)) & 0xFFFFFFFF for v in stream], dtype=np.uint64) for w in range(WORDS[bits])]
+    zeros = rng.integers(0, 1 << bits, size=n).astype(np.uint64)
     x = rng.integers(-2, 3, size=(n, per)).astype(np.float64) if integer_x else bf16_round(rng.standard_normal((n, per)))
-    zz = (np.uint64(0xC300) | zeros.astype(np.uint64)) * np.uint64(0x10001)
-    p = per // 2
-    xp = [bf16_bits(x[:, i]) | (bf16_bits(x[:, i + p]) << np.uint64(16)) for i in range(p)]
-    return codes, zeros, x, [words, zz, *xp]
+    base, shift, high = zero_pair(bits)
+    zz = (np.uint64(base) | (zeros << np.uint64(shift))) | ((np.uint64(high) | zeros) << np.uint64(16))
+    xp = [bf16_bits(x[:, lo]) | (bf16_bits(x[:, hi]) << np.uint64(16)) for lo, hi in pair_plan(bits)]
+    return codes, zeros.astype(np.int64), x, [*words, zz, *xp]
+
+
+@pytest.mark.parametrize("bits", PAIR_BITS)
+def test_pair_plan_covers_every_code_once(bits):
+    plan = pair_plan(bits)
+    assert sorted(j for pair in plan for j in pair) == list(range(WORDS[bits] * 32 // bits))
 
 
 @pytest.mark.parametrize("bits", PAIR_BITS)
@@ -108,10 +118,12 @@ def test_pair_asm_rounds_like_bfloat16_on_random_x(bits):
     want = (x * (codes - zeros[:, None])).sum(axis=1)
     scale = np.abs(x * (codes - zeros[:, None])).sum(axis=1) + 1e-30
     err = np.abs(got - want) / scale
-    assert err.max() < (16 // bits) * 2.0**-8 and np.median(err) < 2.0**-8
+    assert err.max() < 8 * 2.0**-8 and np.median(err) < 2.0**-8
 
 
 def test_pair_asm_takes_only_widths_that_fit_bfloat16():
     with pytest.raises(ValueError, match="bits"):
         pair_asm(8)
-    assert re.findall(r"\$(\d+)", pair_asm(4)) and max(int(v) for v in re.findall(r"\$(\d+)", pair_asm(4))) == 6
+    for bits in PAIR_BITS:  # every operand the constraints declare is read, and no other
+        used = {int(v) for v in re.findall(r"\$(\d+)", pair_asm(bits))}
+        assert used == set(range(pair_constraints(bits).count(",") + 1))

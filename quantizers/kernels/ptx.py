@@ -1,43 +1,99 @@
 """Inline PTX of the GEMV's bfloat16-pair path, as plain strings (no Triton here, so that the CPU tests
 can read and check the assembly without a GPU).
 
-:func:`pair_asm` is one packed word of 2- or 4-bit codes against bfloat16 ``x``: ``Σ x (code − zero)``
-as float32. Codes ``i`` and ``i + 16/bits`` of the word share one 32-bit register as a pair of
-bfloat16 numbers: one shift and one and-or (``lop3``) put them at the bottom of each 16-bit half under
-the bits of 128, so the pair reads ``(128 + code_i, 128 + code_j)`` exactly (a code fits bfloat16's 7
-mantissa bits: 2 and 4 bits do, 8 bits do not; 3-bit codes straddle words). One packed FMA ``× 1 +
-(−(128 + zero))`` leaves ``code − zero`` exactly; one packed FMA multiplies by the matching pair of
-``x`` and accumulates (each step rounds to bfloat16: ``16/bits`` products per half). The two halves
-are widened to float32 (exact) and added. Operands: ``$0`` the float32 sum; ``$1`` the word; ``$2``
-``−(128 + zero)`` in both halves; ``$3 …`` the pairs ``(x_i, x_{i + 16/bits})``, ``x_i`` in the low half.
+:func:`pair_asm` is one packed block of codes (one word at 2 and 4 bits, three at 3 bits) against
+bfloat16 ``x``: ``Σ x (code − zero)`` as float32. Two codes ``j`` and ``j + d`` of the block share one
+32-bit register as a pair of bfloat16 numbers (:func:`pair_plan`): one shift of the block (a funnel
+shift across two words where 3-bit codes straddle) and one and-or (``lop3``) put code ``j + d`` at the
+bottom of the high half and code ``j`` at bit ``p`` of the low half, both under the bits of 128, so the
+pair reads ``(128 + 2**p · code_j, 128 + code_{j+d})`` exactly (a code fits bfloat16's 7 mantissa bits:
+2, 3 and 4 bits do, 8 bits do not). One packed FMA ``× (2**−p, 1) + (−(128/2**p + zero), −(128 + zero))``
+leaves ``code − zero`` in both halves exactly; one packed FMA multiplies by the matching pair of ``x``
+and accumulates. Every ``CHAIN`` pairs (each step rounds to bfloat16) the two halves are widened to
+float32 (exact) and added to a float32 sum.
+
+Operands: ``$0`` the float32 sum; ``$1 …`` the block's words; then ``−(128/2**p + zero)`` and
+``−(128 + zero)`` as one register (:func:`zero_pair`); then the pairs of ``x`` in :func:`pair_plan`
+order, ``x_j`` in the low half and ``x_{j+d}`` in the high half.
 """
 from __future__ import annotations
 
-PAIR_BITS = (2, 4)  # widths with a pair path
+PAIR_BITS = (2, 3, 4)  # widths with a pair path
+WORDS = {2: 1, 3: 3, 4: 1}  # 32-bit words per block (16, 32 and 8 codes)
 BF16_128 = 0x4300  # bfloat16 bits of 128.0: ulp 1, so (BF16_128 | code) reads 128 + code
-BF16_NEG_128 = 0xC300  # −128.0: (BF16_NEG_128 | zero) reads −(128 + zero)
+
+
+def pair_distance(bits: int) -> int:
+    """``d``: code ``j`` pairs with code ``j + d`` (16 bits apart at 2 and 4 bits; 12 bits at 3 bits)."""
+    return 4 if bits == 3 else 16 // bits
+
+
+def low_shift(bits: int) -> int:
+    """``p``: the bit of the low half where code ``j`` lands (``16 − bits · d``), so that code ``j + d``
+    lands at bit 16."""
+    return 16 - bits * pair_distance(bits)
+
+
+def pair_plan(bits: int) -> list[tuple[int, int]]:
+    """The pairs ``(j, j + d)`` of codes of one block, in operand order: runs of ``d`` pairs cover ``2d``
+    consecutive codes (2 bits: (0, 8) … (7, 15); 4 bits: (0, 4) … (3, 7); 3 bits: (0, 4) … (3, 7),
+    (8, 12) … (27, 31))."""
+    if bits not in PAIR_BITS:
+        raise ValueError(f"the pair path takes {PAIR_BITS} bits, not {bits}")
+    d = pair_distance(bits)
+    codes = WORDS[bits] * 32 // bits
+    return [(run + i, run + i + d) for run in range(0, codes, 2 * d) for i in range(d)]
+
+
+def zero_pair(bits: int) -> tuple[int, int, int]:
+    """``(base, shift, high)``: the register ``$zeros`` of a zero ``z`` is ``(base | z << shift) | high(z) << 16``
+    with ``high(z) = 0xC300 | z``: bfloat16 ``−(128/2**p + z)`` and ``−(128 + z)``."""
+    p = low_shift(bits)
+    return {0: (0xC300, 0, 0xC300), 4: (0xC100, 4, 0xC300)}[p]
+
+
+def chain(bits: int) -> int:
+    """Pairs accumulated in bfloat16 before each widening to float32: one word's (8 products per half at
+    2 bits, 4 at 4 bits), 4 at 3 bits."""
+    return 8 if bits == 2 else 4
 
 
 def pair_asm(bits: int) -> str:
-    """The PTX block for one word of ``bits``-bit codes (see the module docstring)."""
-    if bits not in PAIR_BITS:
-        raise ValueError(f"pair_asm takes {PAIR_BITS} bits, not {bits}")
-    pairs = 16 // bits
-    mask = ((1 << bits) - 1) * 0x10001
+    """The PTX block for one packed block of ``bits``-bit codes (see the module docstring)."""
+    plan = pair_plan(bits)
+    words, p = WORDS[bits], low_shift(bits)
+    maxq = (1 << bits) - 1
+    mask = (maxq << 16) | (maxq << p)
     magic = BF16_128 * 0x10001
-    body = [".reg .b32 t, q, a, lo, hi, one, nz;",
-            "mov.b32 one, 0x3F803F80;",  # (1.0, 1.0)
+    mult = (0x3F80 << 16) | {0: 0x3F80, 4: 0x3D80}[p]  # (2**−p, 1.0): 0x3D80 is 1/16
+    zeros, x0 = f"${words + 1}", words + 2
+    body = [".reg .b32 t, q, a, lo, hi, s, mul, nz;", f"mov.b32 mul, {mult:#010x};",
             "mov.b32 nz, 0x80008000;"]  # (−0.0, −0.0): x · v + (−0) = x · v, sign kept
-    for i in range(pairs):
-        if i:
-            body.append(f"shr.u32 t, $1, {bits * i};")
-        body.append(f"lop3.b32 q, {'t' if i else '$1'}, {mask:#010x}, {magic:#010x}, 0xEA;")  # (a & b) | c
-        body.append("fma.rn.bf16x2 q, q, one, $2;")  # (128 + code) − (128 + zero): exact
-        body.append(f"fma.rn.bf16x2 a, q, ${3 + i}, {'a' if i else 'nz'};")
-    body += ["shl.b32 lo, a, 16;", "and.b32 hi, a, 0xFFFF0000;", "add.f32 $0, lo, hi;"]
+    n = chain(bits)
+    for idx, (j, _) in enumerate(plan):
+        start = bits * j - p  # the window of the block stream that puts code j at bit p
+        w, o = divmod(start, 32)
+        if start < 0:
+            body.append(f"shl.b32 t, $1, {-start};")
+        elif o == 0:
+            body.append(f"mov.b32 t, ${w + 1};")
+        elif start + 16 + bits <= 32 * (w + 1) or w + 1 == words:
+            body.append(f"shr.u32 t, ${w + 1}, {o};")
+        else:  # the window spans two words: (next:this) >> o
+            body.append(f"shf.r.clamp.b32 t, ${w + 1}, ${w + 2}, {o};")
+        body.append(f"lop3.b32 q, t, {mask:#010x}, {magic:#010x}, 0xEA;")  # (t & mask) | magic
+        body.append(f"fma.rn.bf16x2 q, q, mul, {zeros};")  # code − zero in both halves: exact
+        body.append(f"fma.rn.bf16x2 a, q, ${x0 + idx}, {'nz' if idx % n == 0 else 'a'};")
+        if idx % n == n - 1 or idx == len(plan) - 1:  # widen both halves (exact) and add to the float32 sum
+            body += ["shl.b32 lo, a, 16;", "and.b32 hi, a, 0xFFFF0000;"]
+            if idx < n:
+                body.append("add.f32 s, lo, hi;")
+            else:
+                body += ["add.f32 s, s, lo;", "add.f32 s, s, hi;"]
+    body.append("mov.b32 $0, s;")
     return "{\n" + "\n".join(body) + "\n}"
 
 
 def pair_constraints(bits: int) -> str:
-    """The inline-asm constraints of :func:`pair_asm`: one float32 out; word, zeros, ``16/bits`` x pairs."""
-    return "=r" + ",r" * (2 + 16 // bits)
+    """The inline-asm constraints of :func:`pair_asm`: one float32 out; the words, the zeros, the x pairs."""
+    return "=r" + ",r" * (WORDS[bits] + 1 + len(pair_plan(bits)))

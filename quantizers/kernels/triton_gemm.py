@@ -164,47 +164,46 @@ def _column(xt, j: tl.constexpr, BB: tl.constexpr, PER: tl.constexpr, LOG_PER: t
     return tl.reshape(cur, (BB,))
 
 
-NEG_128: tl.constexpr = tl.constexpr(ptx.BF16_NEG_128)  # bfloat16 −128: (NEG_128 | zero) = −(128 + zero)
 PAIR_ASM2: tl.constexpr = tl.constexpr(pair_asm(2))
+PAIR_ASM3: tl.constexpr = tl.constexpr(pair_asm(3))
 PAIR_ASM4: tl.constexpr = tl.constexpr(pair_asm(4))
 PAIR_IO2: tl.constexpr = tl.constexpr(pair_constraints(2))
+PAIR_IO3: tl.constexpr = tl.constexpr(pair_constraints(3))
 PAIR_IO4: tl.constexpr = tl.constexpr(pair_constraints(4))
 
 
 @triton.jit
-def _word_dot(w, zz, xp, BITS: tl.constexpr, BB: tl.constexpr):
-    """``Σ x (code − zero)`` of each packed word of ``w`` (BB, BN) uint32 (:func:`ptx.pair_asm`); ``zz``
-    (BN,) the packed ``−(128 + zero)``, ``xp`` (BB, 16/BITS) the packed pairs of ``x``."""
-    P: tl.constexpr = 16 // BITS
-    LOG_P: tl.constexpr = 4 - (BITS // 2)  # log2(P): 2 bits → 3, 4 bits → 2
+def _block_dot(w0, w1, w2, zz, xp, BITS: tl.constexpr, BB: tl.constexpr):
+    """``Σ x (code − zero)`` of each packed block (words ``w0`` and, at 3 bits, ``w1``, ``w2``: (BB, BN)
+    uint32), by :func:`ptx.pair_asm`; ``zz`` (BN,) the zeros as :func:`ptx.zero_pair` packs them, ``xp``
+    (BB, pairs) the pairs of ``x`` in :func:`ptx.pair_plan` order."""
+    P: tl.constexpr = 16 // BITS if BITS != 3 else 16  # pairs per block
+    LOG_P: tl.constexpr = 3 if BITS == 2 else (4 if BITS == 3 else 2)
+    zc = zz[None, :]
     if BITS == 2:
-        x0 = _column(xp, 0, BB, P, LOG_P)[:, None]
-        x1 = _column(xp, 1, BB, P, LOG_P)[:, None]
-        x2 = _column(xp, 2, BB, P, LOG_P)[:, None]
-        x3 = _column(xp, 3, BB, P, LOG_P)[:, None]
-        x4 = _column(xp, 4, BB, P, LOG_P)[:, None]
-        x5 = _column(xp, 5, BB, P, LOG_P)[:, None]
-        x6 = _column(xp, 6, BB, P, LOG_P)[:, None]
-        x7 = _column(xp, 7, BB, P, LOG_P)[:, None]
-        r = tl.inline_asm_elementwise(PAIR_ASM2, PAIR_IO2, [w, zz[None, :], x0, x1, x2, x3, x4, x5,
-                                      x6, x7], dtype=tl.float32, is_pure=True, pack=1)
+        r = tl.inline_asm_elementwise(PAIR_ASM2, PAIR_IO2, [
+            w0, zc, _column(xp, 0, BB, P, LOG_P)[:, None], _column(xp, 1, BB, P, LOG_P)[:, None],
+            _column(xp, 2, BB, P, LOG_P)[:, None], _column(xp, 3, BB, P, LOG_P)[:, None],
+            _column(xp, 4, BB, P, LOG_P)[:, None], _column(xp, 5, BB, P, LOG_P)[:, None],
+            _column(xp, 6, BB, P, LOG_P)[:, None], _column(xp, 7, BB, P, LOG_P)[:, None]],
+            dtype=tl.float32, is_pure=True, pack=1)
+    elif BITS == 3:
+        r = tl.inline_asm_elementwise(PAIR_ASM3, PAIR_IO3, [
+            w0, w1, w2, zc, _column(xp, 0, BB, P, LOG_P)[:, None], _column(xp, 1, BB, P, LOG_P)[:, None],
+            _column(xp, 2, BB, P, LOG_P)[:, None], _column(xp, 3, BB, P, LOG_P)[:, None],
+            _column(xp, 4, BB, P, LOG_P)[:, None], _column(xp, 5, BB, P, LOG_P)[:, None],
+            _column(xp, 6, BB, P, LOG_P)[:, None], _column(xp, 7, BB, P, LOG_P)[:, None],
+            _column(xp, 8, BB, P, LOG_P)[:, None], _column(xp, 9, BB, P, LOG_P)[:, None],
+            _column(xp, 10, BB, P, LOG_P)[:, None], _column(xp, 11, BB, P, LOG_P)[:, None],
+            _column(xp, 12, BB, P, LOG_P)[:, None], _column(xp, 13, BB, P, LOG_P)[:, None],
+            _column(xp, 14, BB, P, LOG_P)[:, None], _column(xp, 15, BB, P, LOG_P)[:, None]],
+            dtype=tl.float32, is_pure=True, pack=1)
     else:
-        x0 = _column(xp, 0, BB, P, LOG_P)[:, None]
-        x1 = _column(xp, 1, BB, P, LOG_P)[:, None]
-        x2 = _column(xp, 2, BB, P, LOG_P)[:, None]
-        x3 = _column(xp, 3, BB, P, LOG_P)[:, None]
-        r = tl.inline_asm_elementwise(PAIR_ASM4, PAIR_IO4, [w, zz[None, :], x0, x1, x2, x3],
-                                      dtype=tl.float32, is_pure=True, pack=1)
+        r = tl.inline_asm_elementwise(PAIR_ASM4, PAIR_IO4, [
+            w0, zc, _column(xp, 0, BB, P, LOG_P)[:, None], _column(xp, 1, BB, P, LOG_P)[:, None],
+            _column(xp, 2, BB, P, LOG_P)[:, None], _column(xp, 3, BB, P, LOG_P)[:, None]],
+            dtype=tl.float32, is_pure=True, pack=1)
     return r
-
-
-@triton.jit
-def _pairs_of_x(xt, BB: tl.constexpr, PER: tl.constexpr):
-    """(BB, PER) bfloat16 ``x`` of a tile → (BB, PER/2) uint32: ``x_i`` (low half) with ``x_{i + PER/2}``."""
-    P: tl.constexpr = PER // 2
-    xb = xt.to(tl.uint16, bitcast=True).to(tl.uint32)
-    lo, hi = tl.split(tl.permute(tl.reshape(xb, (BB, 2, P)), (0, 2, 1)))
-    return lo | (hi << 16)
 
 
 @triton.jit
@@ -247,7 +246,8 @@ def _gemv_kernel(
     BITS: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
     SPLIT: tl.constexpr, GROUPING: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HIGH: tl.constexpr, XSPLIT: tl.constexpr, LOG_PER: tl.constexpr,
-    PREFETCH: tl.constexpr, PAIRS: tl.constexpr, GROUP_LOG: tl.constexpr,
+    PREFETCH: tl.constexpr, PAIRS: tl.constexpr, GROUP_LOG: tl.constexpr, D: tl.constexpr, ZLO: tl.constexpr,
+    ZLO_SHIFT: tl.constexpr, ZHI: tl.constexpr,
 ):
     """One row ``m`` of ``x`` × a (K range, BN) slice of ``W``: program (n tile, k split, m).
 
@@ -280,15 +280,17 @@ def _gemv_kernel(
             else:
                 g = (t * BK) // group_size
             sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
-            if PAIRS:  # −(128 + zero) as a bfloat16 pair
-                zz = (tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.uint32) | NEG_128) * 0x10001
+            if PAIRS:  # the zero as ptx.zero_pair packs it
+                zu = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.uint32)
+                zz = (ZLO | (zu << ZLO_SHIFT)) | ((ZHI | zu) << 16)
             else:
                 zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)  # (BN,)
         part = tl.zeros((BB, BN), dtype=tl.float32)
-        if PAIRS:  # bfloat16 x, TILE grouping, 2 or 4 bits: packed pairs (see ptx.pair_asm)
-            P: tl.constexpr = PER // 2
-            klo = t * BK + (tl.arange(0, BB) * PER)[:, None] + tl.arange(0, P)[None, :]  # (BB, P) first halves
-            khi = klo + P
+        if PAIRS:  # bfloat16 x, TILE grouping, 2, 3 or 4 bits: packed pairs (see ptx.pair_asm)
+            P: tl.constexpr = PER // 2  # pairs (j, j + D) per block, runs of D pairs over 2D codes
+            pidx = tl.arange(0, P)
+            klo = t * BK + (tl.arange(0, BB) * PER)[:, None] + ((pidx // D) * (2 * D) + pidx % D)[None, :]
+            khi = klo + D
             if EVEN_K:
                 if HAS_PERM:
                     xlo = tl.load(PERM + klo)
@@ -309,7 +311,7 @@ def _gemv_kernel(
                 hi = tl.load(x_row + xhi * stride_xk, mask=khi < K, other=0.0)
             lo = lo.to(tl.uint16, bitcast=True)
             hi = hi.to(tl.uint16, bitcast=True)
-            part = _word_dot(w0, zz, lo.to(tl.uint32) | (hi.to(tl.uint32) << 16), BITS, BB)
+            part = _block_dot(w0, w1, w2, zz, lo.to(tl.uint32) | (hi.to(tl.uint32) << 16), BITS, BB)
         if XSPLIT and not PAIRS:
             kt = t * BK + tl.arange(0, BK)
             if HAS_PERM:
@@ -574,9 +576,9 @@ class Config:
 # bits, no register spills on sm_90; tuning (:func:`tuned_config`) starts from them.
 # ``python -m harness.bench kernels --tune`` times every candidate on the GPU.
 GEMV_CONFIGS = {
-    2: Config("gemv", bn=128, bk=64, num_warps=1, prefetch=True),
-    3: Config("gemv", bn=128, bk=128, num_warps=1, warps_per_sm=8),
-    4: Config("gemv", bn=128, bk=32, num_warps=1, prefetch=True),
+    2: Config("gemv", bn=128, bk=64, num_warps=1, warps_per_sm=32),
+    3: Config("gemv", bn=128, bk=64, num_warps=1),
+    4: Config("gemv", bn=128, bk=64, num_warps=1),
     8: Config("gemv", bn=128, bk=64, num_warps=1),
 }
 
@@ -602,8 +604,11 @@ def candidates(M: int, bits: int) -> list[Config]:
     if M == 1:
         out += [Config("gemv", bn=128, bk=32, num_warps=1, prefetch=True),
                 Config("gemv", bn=128, bk=64, num_warps=1, prefetch=True, warps_per_sm=8),
-                Config("gemv", bn=128, bk=64, num_warps=1, prefetch=True),
+                Config("gemv", bn=128, bk=64, num_warps=1),
+                Config("gemv", bn=128, bk=64, num_warps=1, warps_per_sm=32),
+                Config("gemv", bn=64, bk=64, num_warps=1, warps_per_sm=32),
                 Config("gemv", bn=128, bk=128, num_warps=1, warps_per_sm=8),
+                Config("gemv", bn=128, bk=128, num_warps=2),
                 Config("gemv", bn=256, bk=128, num_warps=2, warps_per_sm=8),
                 Config("gemv", bn=512, bk=64, num_warps=4)]
         if bits in PAIR_BITS:  # the float32 path the bfloat16 pairs replace (what float16 x runs)
@@ -669,6 +674,14 @@ def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
     return replace(cfg, bk=bk), int(TILE if gs % bk == 0 else ELEMENT)
 
 
+def pair_consts(bits: int) -> dict:
+    """The GEMV's constexprs of the pair path at ``bits`` (placeholders where it has none)."""
+    if bits not in PAIR_BITS:
+        return dict(D=1, ZLO=0, ZLO_SHIFT=0, ZHI=0)
+    zlo, shift, zhi = ptx.zero_pair(bits)
+    return dict(D=ptx.pair_distance(bits), ZLO=zlo, ZLO_SHIFT=shift, ZHI=zhi)
+
+
 def _group_log(group_size: int | None, bk: int) -> int:
     """``log2(group_size / bk)`` when a group is a power-of-two number of ``bk``-code tiles, else −1."""
     if group_size is None or group_size % bk:
@@ -721,7 +734,7 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
                      magic=int(MAGIC), HIGH=HIGH, BB=cfg.bk // per,
                      XSPLIT=cfg.xsplit and cfg.bk >= 32 * cfg.num_warps,  # each thread gathers whole elements
                      LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, PAIRS=pairs,
-                     GROUP_LOG=_group_log(rt.group_size, cfg.bk))
+                     GROUP_LOG=_group_log(rt.group_size, cfg.bk), **pair_consts(rt.bits))
     elif cfg.kernel == "dot":
         kernel = _dot_kernel
         gather_x = rt.perm is not None
