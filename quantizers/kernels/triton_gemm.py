@@ -207,33 +207,6 @@ def _block_dot(w0, w1, w2, zz, xp, BITS: tl.constexpr, BB: tl.constexpr):
 
 
 @triton.jit
-def _x_pairs(x_row, stride_xk, PERM, t, K, BB: tl.constexpr, PER: tl.constexpr, D: tl.constexpr,
-             HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
-    """The (BB, PER/2) uint32 pairs of bfloat16 ``x`` of tile ``t`` in :func:`ptx.pair_plan` order:
-    ``x_j`` (low half) with ``x_{j+D}``, runs of ``D`` pairs over ``2D`` codes; under act-order
-    ``x[perm[k]]``."""
-    P: tl.constexpr = PER // 2
-    pidx = tl.arange(0, P)
-    klo = t * (BB * PER) + (tl.arange(0, BB) * PER)[:, None] + ((pidx // D) * (2 * D) + pidx % D)[None, :]
-    khi = klo + D
-    if EVEN_K:
-        if HAS_PERM:
-            klo = tl.load(PERM + klo)
-            khi = tl.load(PERM + khi)
-        lo = tl.load(x_row + klo * stride_xk)
-        hi = tl.load(x_row + khi * stride_xk)
-    else:
-        lo_ok = klo < K
-        hi_ok = khi < K
-        if HAS_PERM:
-            klo = tl.load(PERM + klo, mask=lo_ok, other=0)
-            khi = tl.load(PERM + khi, mask=hi_ok, other=0)
-        lo = tl.load(x_row + klo * stride_xk, mask=lo_ok, other=0.0)
-        hi = tl.load(x_row + khi * stride_xk, mask=hi_ok, other=0.0)
-    return lo.to(tl.uint16, bitcast=True).to(tl.uint32) | (hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
-
-
-@triton.jit
 def _finish(acc, y_ptrs, ws_ptrs, wsi_ptrs, cnt_ptr, mask, bias, SPLIT: tl.constexpr):
     """Write ``acc + bias`` to ``y_ptrs``; with ``SPLIT`` add ``acc`` into the workspace (``ws_ptrs``
     float32, ``wsi_ptrs`` the same words as int32) instead and let the last of the K-split programs of
@@ -291,8 +264,6 @@ def _gemv_kernel(
     acc = tl.zeros((BB, BN), dtype=tl.float32)
     if PREFETCH:  # registers hold the next tile's words while this one is computed
         wn0, wn1, wn2 = _load_words(QW, t0, offs_b, offs_n, n_ok, N, K, BB, PER, WORDS, EVEN_K and EVEN_N, True)
-    if PAIRS and HAS_PERM:
-        xpn = _x_pairs(x_row, stride_xk, PERM, t0, K, BB, PER, D, HAS_PERM, EVEN_K)
     for t in range(t0, t1):
         if PREFETCH:
             w0, w1, w2 = wn0, wn1, wn2
@@ -316,12 +287,31 @@ def _gemv_kernel(
                 zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)  # (BN,)
         part = tl.zeros((BB, BN), dtype=tl.float32)
         if PAIRS:  # bfloat16 x, TILE grouping, 2, 3 or 4 bits: packed pairs (see ptx.pair_asm)
-            if HAS_PERM:  # gathered a tile ahead: two dependent loads per element
-                xp = xpn
-                xpn = _x_pairs(x_row, stride_xk, PERM, tl.minimum(t + 1, t1 - 1), K, BB, PER, D, HAS_PERM, EVEN_K)
+            P: tl.constexpr = PER // 2  # pairs (j, j + D) per block, runs of D pairs over 2D codes
+            pidx = tl.arange(0, P)
+            klo = t * BK + (tl.arange(0, BB) * PER)[:, None] + ((pidx // D) * (2 * D) + pidx % D)[None, :]
+            khi = klo + D
+            if EVEN_K:
+                if HAS_PERM:
+                    xlo = tl.load(PERM + klo)
+                    xhi = tl.load(PERM + khi)
+                else:
+                    xlo = klo
+                    xhi = khi
+                lo = tl.load(x_row + xlo * stride_xk)
+                hi = tl.load(x_row + xhi * stride_xk)
             else:
-                xp = _x_pairs(x_row, stride_xk, PERM, t, K, BB, PER, D, HAS_PERM, EVEN_K)
-            part = _block_dot(w0, w1, w2, zz, xp, BITS, BB)
+                if HAS_PERM:
+                    xlo = tl.load(PERM + klo, mask=klo < K, other=0)
+                    xhi = tl.load(PERM + khi, mask=khi < K, other=0)
+                else:
+                    xlo = klo
+                    xhi = khi
+                lo = tl.load(x_row + xlo * stride_xk, mask=klo < K, other=0.0)
+                hi = tl.load(x_row + xhi * stride_xk, mask=khi < K, other=0.0)
+            lo = lo.to(tl.uint16, bitcast=True)
+            hi = hi.to(tl.uint16, bitcast=True)
+            part = _block_dot(w0, w1, w2, zz, lo.to(tl.uint32) | (hi.to(tl.uint32) << 16), BITS, BB)
         if XSPLIT and not PAIRS:
             kt = t * BK + tl.arange(0, BK)
             if HAS_PERM:
