@@ -231,7 +231,7 @@ def triton_columns(tg: Any, lins: list[QuantLinear], x: torch.Tensor, timer: Tim
     out.update({"triton µs": us, "× bf16": bf16 / us, "triton GB/s": nbytes / us / 1e3,
                 "config": tg.fit_config(cfg, rts[0])[0].name()})
     if x.device.type == "cuda":
-        default = tg.default_config(M, lins[0].bits)  # the hand-picked config, untuned
+        default = tg.default_config(M, lins[0].bits, rts[0].perm is not None)  # the hand-picked config, untuned
         out["default µs"] = timer.graph_us([lambda rt=rt: tg.matmul(x, rt, None, default) for rt in rts])
         # launched from Python one after another, through QuantLinear: the CPU's share shows here
         out.update({"eager µs": timer.eager_us([lambda m=m: m(x) for m in lins]), "eager bf16 µs": bf16_eager})

@@ -124,10 +124,10 @@ def interpreted_results(out: str) -> None:
         results["layout_exact"][name] = bool(torch.equal(tg.unpack_runtime(rt), m.dequantize(torch.float32)))
         results["perm"] = results.get("perm", {}) | {name: rt.perm is not None}
     results["model"] = tiny_model_logits()
-    keys = [(M, bits) for M in (1, 4, 16, 64, 2048) for bits in (3, 4)]
-    results["candidates"] = {(M, bits): [c.name() for c in tg.candidates(M, bits)] for M, bits in keys}
-    results["defaults"] = {(M, bits): tg.default_config(M, bits).name() for M, bits in keys}
-    results["tuned"] = tg.tuned_config(x, rt).name() == tg.default_config(x.shape[0], rt.bits).name()
+    keys = [(M, bits, act) for M in (1, 4, 16, 64, 2048) for bits in (2, 3, 4, 8) for act in (False, True)]
+    results["candidates"] = {key: [c.name() for c in tg.candidates(*key)] for key in keys}
+    results["defaults"] = {key: tg.default_config(*key).name() for key in keys}
+    results["tuned"] = tg.tuned_config(x, rt).name() == tg.default_config(x.shape[0], rt.bits, rt.perm is not None).name()
     results["tuning"] = tg.tuning_enabled()
     torch.save(results, out)
 
@@ -180,7 +180,7 @@ def compiled_results(out: str) -> None:
         rt = tg.runtime_of(m)
         y = tg.matmul(x.cuda(), rt, None)  # the tuned config
         results[name] = {"y": y.cpu(), "path": rt.path, "tuned": tg.tuned_config(x.cuda(), rt).name()}
-        for cfg in tg.candidates(M, bits):  # every candidate tuning may pick, each checked on its own
+        for cfg in tg.candidates(M, bits, act):  # every candidate tuning may pick, each checked on its own
             results[name][cfg.name()] = tg.matmul(x.cuda(), rt, None, cfg).cpu()
     results["model"] = tiny_model_logits("cuda", torch.float16)
     torch.save(results, out)
@@ -233,7 +233,7 @@ def test_interpreted_kernels_match_dequantize_then_matmul(interpreted, name):
 
 def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(interpreted):
     for key, names in interpreted["candidates"].items():
-        M, _ = key
+        M, _, _ = key
         assert names[0] == interpreted["defaults"][key] and len(names) == len(set(names)) >= 4, (key, names)
         kinds = {n.split()[0] for n in names}
         assert kinds == ({"gemv"} if M == 1 else {"dot"}), (key, names)
