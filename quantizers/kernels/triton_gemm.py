@@ -17,7 +17,17 @@ stays the export format):
 * ``scales`` (G, out) float16: the module's buffer. ``zeros`` (G, out) uint8, unpacked once (v1's
   ``zero − 1`` convention undone).
 
-**Dequantization** (GEMV, :func:`_code`): a code at bits ``p .. p + bits`` of a word with
+**Dequantization, bfloat16 pairs** (GEMV with bfloat16 ``x`` at 2, 3 and 4 bits, the default there;
+:mod:`quantizers.kernels.ptx`): two codes of a packed block share a 32-bit register as two bfloat16
+numbers ``128 + code`` (one shift, or a funnel shift where 3-bit codes straddle words, and one
+and-or), one packed FMA subtracts ``128 + zero`` exactly, one packed FMA multiplies by the matching
+pair of ``x`` and accumulates: about 2.4 instructions per code against 3.6–4.6 for the float32 path
+below. Products are summed in bfloat16 over 4 pairs (8 at 2 bits) before each widening to float32:
+relative error about 3e-3 against the float32 product at LLaMA-7B shapes, against 1.7e-3 for the
+float32 path (bfloat16 output rounding alone). float16 ``x``, 8 bits and irregular groups take the
+float32 path.
+
+**Dequantization, float32** (GEMV, :func:`_code`): a code at bits ``p .. p + bits`` of a word with
 ``p + bits ≤ 23`` is masked in place and or-ed with the float32 exponent of ``2**(23 − p)``: the float
 reads ``2**(23 − p) + code`` exactly, so one and-or plus one subtraction of ``2**(23 − p) + zero`` gives
 ``code − zero`` (no shift, no int→float conversion); codes above bit 23 are read the same way from the
@@ -28,9 +38,10 @@ dtype.
 
 **Kernels** (picked by the row count ``M`` of ``x``; :func:`default_config`):
 
-* ``gemv`` (``M ≤ GEMV_MAX_M``): one row of ``x`` per program, CUDA-core FMAs on (blocks, columns)
-  tiles of packed words, the tile's ``x`` (gathered under act-order) read once per program and shared
-  through shared memory; split-K over enough programs to fill the GPU.
+* ``gemv`` (``M ≤ GEMV_MAX_M``): one row of ``x`` per program, CUDA-core FMAs (bfloat16 pairs or
+  float32) on (blocks, columns) tiles of packed words, the tile's ``x`` (gathered under act-order) read
+  by every thread or once per program and regrouped (``xsplit``); split-K over enough programs to fill
+  the GPU.
 * ``dot`` (larger ``M``): the tile's words spread over their codes in plain ``k`` order, then one
   ``tl.dot`` (tensor cores) of (BM, BK) contiguous ``x`` with the (BK, BN) dequantized tile per K
   tile, optional split-K.
@@ -251,8 +262,10 @@ def _gemv_kernel(
 ):
     """One row ``m`` of ``x`` × a (K range, BN) slice of ``W``: program (n tile, k split, m).
 
-    CUDA-core FMAs on (BB blocks, BN columns) tiles of packed words; per code one and-or, one
-    subtraction, one FMA (:func:`_code`); the scale once per word. ``GROUPING`` TILE or ELEMENT."""
+    CUDA-core FMAs on (BB blocks, BN columns) tiles of packed words. ``PAIRS``: one inline-PTX block per
+    packed block (:func:`_block_dot`), two codes per instruction; else per code one and-or, one
+    subtraction, one FMA (:func:`_code`). The scale once per block. ``GROUPING`` TILE or ELEMENT (the
+    float32 path only)."""
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BK: tl.constexpr = BB * PER  # codes of k per tile
     offs_n = pid_n * BN + tl.arange(0, BN)  # (BN,)
@@ -286,7 +299,7 @@ def _gemv_kernel(
             else:
                 zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)  # (BN,)
         part = tl.zeros((BB, BN), dtype=tl.float32)
-        if PAIRS:  # bfloat16 x, TILE grouping, 2, 3 or 4 bits: packed pairs (see ptx.pair_asm)
+        if PAIRS:  # bfloat16 x, TILE grouping, 2, 3 or 4 bits: packed pairs (see ptx.pair_asm); the x pairs:
             P: tl.constexpr = PER // 2  # pairs (j, j + D) per block, runs of D pairs over 2D codes
             pidx = tl.arange(0, P)
             klo = t * BK + (tl.arange(0, BB) * PER)[:, None] + ((pidx // D) * (2 * D) + pidx % D)[None, :]
@@ -560,7 +573,8 @@ class Config:
     ``warps_per_sm`` warps; ``num_warps``, ``num_stages`` as Triton's. gemv only: ``xsplit`` reads the
     tile's ``x`` (gathered by ``perm`` under act-order) once per program and hands it out through
     shared memory instead of every thread reading every element; ``prefetch`` loads the next tile's
-    words before multiplying the current one."""
+    words before multiplying the current one; ``pairs`` multiplies in bfloat16 pairs where it can
+    (bfloat16 ``x``, 2/3/4 bits, regular groups; else the float32 path runs, as with ``pairs=False``)."""
 
     kernel: str = "gemv"
     bn: int = 128
@@ -616,14 +630,13 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
     if M == 1:
         out += [Config("gemv", bn=128, bk=32, num_warps=1, prefetch=True),
                 Config("gemv", bn=128, bk=64, num_warps=1, prefetch=True, warps_per_sm=8),
-                Config("gemv", bn=128, bk=64, num_warps=1),
+                Config("gemv", bn=128, bk=64, num_warps=1),  # x read once per program (best under act-order)
                 Config("gemv", bn=128, bk=64, num_warps=1, warps_per_sm=32),
                 Config("gemv", bn=64, bk=64, num_warps=1, warps_per_sm=32),
                 Config("gemv", bn=128, bk=128, num_warps=1, warps_per_sm=8),
                 Config("gemv", bn=128, bk=128, num_warps=2),
                 Config("gemv", bn=256, bk=128, num_warps=2, warps_per_sm=8),
                 Config("gemv", bn=512, bk=64, num_warps=4),
-                Config("gemv", bn=128, bk=64, num_warps=1),  # x read once per program (best under act-order)
                 Config("gemv", bn=128, bk=64, num_warps=1, warps_per_sm=8, prefetch=True, xsplit=False)]
         if bits in PAIR_BITS:  # the float32 path the bfloat16 pairs replace (what float16 x runs)
             out.append(replace(out[0], pairs=False))
