@@ -129,6 +129,7 @@ def interpreted_results(out: str) -> None:
     results["defaults"] = {key: tg.default_config(*key).name() for key in keys}
     results["tuned"] = tg.tuned_config(x, rt).name() == tg.default_config(x.shape[0], rt.bits, rt.perm is not None).name()
     results["tuning"] = tg.tuning_enabled()
+    results["pairs_interpreted"] = tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), torch.device("cpu"))
     torch.save(results, out)
 
 
@@ -183,6 +184,16 @@ def compiled_results(out: str) -> None:
         for cfg in tg.candidates(M, bits, act):  # every candidate tuning may pick, each checked on its own
             results[name][cfg.name()] = tg.matmul(x.cuda(), rt, None, cfg).cpu()
     results["model"] = tiny_model_logits("cuda", torch.float16)
+    dev = torch.device("cuda")
+    gate = {"bf16-4": tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), dev),
+            "fp16-4": tg.pair_path_runs(torch.float16, 4, int(tg.TILE), dev),
+            "bf16-8": tg.pair_path_runs(torch.bfloat16, 8, int(tg.TILE), dev),
+            "bf16-4-element": tg.pair_path_runs(torch.bfloat16, 4, int(tg.ELEMENT), dev)}
+    idx = torch.cuda.current_device()
+    real, tg._CAPABILITY[idx] = tg._CAPABILITY[idx], (7, 5)  # a Turing card: no fma.rn.bf16x2
+    gate["sm75"] = tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), dev)
+    tg._CAPABILITY[idx] = real
+    results["gate"] = gate | {"capability": torch.cuda.get_device_capability(idx)}
     torch.save(results, out)
 
 
@@ -239,6 +250,7 @@ def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(
         assert kinds == ({"gemv"} if M == 1 else {"dot"}), (key, names)
     # interpreted, nothing is timed: a product without a config runs the hand-picked default
     assert interpreted["tuning"] is False and interpreted["tuned"] is True
+    assert interpreted["pairs_interpreted"] is False  # inline PTX does not run interpreted
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -370,6 +382,13 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     assert compiled[name]["tuned"] in others and len(others) >= 4
     for label, y_cfg in others.items():
         assert y_cfg.dtype == dtype and rel_err(y_cfg, ref) < TOL[dtype], label
+
+
+@pytest.mark.gpu
+def test_pair_path_runs_only_where_it_can(compiled):
+    gate = compiled["gate"]
+    assert gate["bf16-4"] is (tuple(gate["capability"]) >= (8, 0))
+    assert not (gate["fp16-4"] or gate["bf16-8"] or gate["bf16-4-element"] or gate["sm75"])
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ order, ``x_j`` in the low half and ``x_{j+d}`` in the high half.
 from __future__ import annotations
 
 PAIR_BITS = (2, 3, 4)  # widths with a pair path
+MIN_CAPABILITY = (8, 0)  # fma.rn.bf16x2 (sm_80); every other instruction here is older
 WORDS = {2: 1, 3: 3, 4: 1}  # 32-bit words per block (16, 32 and 8 codes)
 BF16_128 = 0x4300  # bfloat16 bits of 128.0: ulp 1, so (BF16_128 | code) reads 128 + code
 

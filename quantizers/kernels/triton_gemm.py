@@ -657,6 +657,7 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
 
 
 _SM_COUNT: dict[int, int] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -667,6 +668,20 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.device) -> bool:
+    """Whether the GEMV's bfloat16-pair path can take a product: bfloat16 ``x``, 2/3/4 bits, a tile in
+    one group, compiled (the interpreter has no inline PTX) for a GPU with packed bfloat16 FMAs
+    (``fma.rn.bf16x2``: compute capability 8.0 or newer)."""
+    if dtype != torch.bfloat16 or bits not in PAIR_BITS or grouping != int(TILE) or interpreted():
+        return False
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx] >= ptx.MIN_CAPABILITY
 
 
 def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -753,8 +768,7 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
     path = PATHS[cfg.kernel]
     if cfg.kernel == "gemv":
         kernel = _gemv_kernel
-        pairs = (cfg.pairs and dtype == torch.bfloat16 and rt.bits in PAIR_BITS and grouping == int(TILE)
-                 and not interpreted())
+        pairs = cfg.pairs and pair_path_runs(dtype, rt.bits, grouping, device)
         if pairs:
             path = PATHS["gemv-pairs"]
         fixed.update(PERM=rt.perm if rt.perm is not None else rt.g_sorted, HAS_PERM=rt.perm is not None,
