@@ -24,8 +24,8 @@ and-or), one packed FMA subtracts ``128 + zero`` exactly, one packed FMA multipl
 pair of ``x`` and accumulates: about 2.4 instructions per code against 3.6–4.6 for the float32 path
 below. Products are summed in bfloat16 over 4 pairs (8 at 2 bits) before each widening to float32:
 relative error about 3e-3 against the float32 product at LLaMA-7B shapes, against 1.7e-3 for the
-float32 path (bfloat16 output rounding alone). float16 ``x``, 8 bits and irregular groups take the
-float32 path.
+float32 path (bfloat16 output rounding alone). float16 ``x``, 8 bits, irregular groups and GPUs
+before compute capability 8.0 take the float32 path (:func:`pair_path_runs`).
 
 **Dequantization, float32** (GEMV, :func:`_code`): a code at bits ``p .. p + bits`` of a word with
 ``p + bits ≤ 23`` is masked in place and or-ed with the float32 exponent of ``2**(23 − p)``: the float
