@@ -127,7 +127,8 @@ def interpreted_results(out: str) -> None:
     keys = [(M, bits, act) for M in (1, 4, 16, 64, 2048) for bits in (2, 3, 4, 8) for act in (False, True)]
     results["candidates"] = {key: [c.name() for c in tg.candidates(*key)] for key in keys}
     results["defaults"] = {key: tg.default_config(*key).name() for key in keys}
-    results["tuned"] = tg.tuned_config(x, rt).name() == tg.default_config(x.shape[0], rt.bits, rt.perm is not None).name()
+    default = tg.default_config(x.shape[0], rt.bits, rt.perm is not None)
+    results["tuned"] = tg.tuned_config(x, rt).name() == default.name()
     results["tuning"] = tg.tuning_enabled()
     results["pairs_interpreted"] = tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), torch.device("cpu"))
     torch.save(results, out)

@@ -83,7 +83,10 @@ def pair_inputs(bits: int, n: int, rng: np.random.Generator, integer_x: bool):
         stream[row] = sum(int(c) << (bits * j) for j, c in enumerate(codes[row]))
     words = [np.array([(v >> (32 * w)) & 0xFFFFFFFF for v in stream], dtype=np.uint64) for w in range(WORDS[bits])]
     zeros = rng.integers(0, 1 << bits, size=n).astype(np.uint64)
-    x = rng.integers(-2, 3, size=(n, per)).astype(np.float64) if integer_x else bf16_round(rng.standard_normal((n, per)))
+    if integer_x:
+        x = rng.integers(-2, 3, size=(n, per)).astype(np.float64)
+    else:
+        x = bf16_round(rng.standard_normal((n, per)))
     base, shift, high = zero_pair(bits)
     zz = (np.uint64(base) | (zeros << np.uint64(shift))) | ((np.uint64(high) | zeros) << np.uint64(16))
     xp = [bf16_bits(x[:, lo]) | (bf16_bits(x[:, hi]) << np.uint64(16)) for lo, hi in pair_plan(bits)]

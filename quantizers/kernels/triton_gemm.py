@@ -71,8 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantizers.kernels import l2_copies
-from quantizers.kernels import ptx
+from quantizers.kernels import l2_copies, ptx
 from quantizers.kernels.ptx import PAIR_BITS, pair_asm, pair_constraints
 from quantizers.pack import unpack_rows
 from quantizers.qlinear import Backend, QuantLinear, register_backend
