@@ -284,6 +284,16 @@ def _load_kernels() -> Any | None:
     return triton_gemm
 
 
+def _int_list(parser: argparse.ArgumentParser, flag: str, text: str | None) -> list[int] | None:
+    """``"3,4"`` → ``[3, 4]`` (None when the flag is not given); anything else ends in one usage error."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated integers, e.g. {flag} 3,4 (got {text!r})")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m harness.bench kernels", description=__doc__,
@@ -297,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
+    bits, rows_m = _int_list(parser, "--bits", args.bits), _int_list(parser, "--rows", args.rows)
     if args.smoke:
         device = torch.device("cpu")
     else:
@@ -316,15 +327,13 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --tune times the compiled kernels: it needs Triton and a CUDA GPU", file=sys.stderr)
             return 2
         header = f"kernels --tune: 4096×11008, bf16 activations, groups of {GROUP}, act-order off, {name}; {timing}"
-        tune = tune_rows(device, timer, tg, [int(b) for b in args.bits.split(",")] if args.bits else None,
-                         [int(m) for m in args.rows.split(",")] if args.rows else None)
+        tune = tune_rows(device, timer, tg, bits, rows_m)
         print(header)
         print(_table(tune))
     else:
         header = f"kernels: bf16 activations, groups of {SMOKE['group'] if args.smoke else GROUP}, {name}; {timing}"
         shapes = [tuple(int(v) for v in sh.lower().replace("×", "x").split("x")) for sh in args.shapes.split(",")] \
             if args.shapes else None
-        bits = [int(b) for b in args.bits.split(",")] if args.bits else None
         rows, notes = kernel_rows(device, args.smoke, timer, tg, shapes, bits)
         print(header)
         print(_table(rows))

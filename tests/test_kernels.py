@@ -299,6 +299,14 @@ def test_bench_kernels_smoke_prints_rows(tmp_path):
     assert {r["act-order"] for r in rows} == {False, True} and {r["M"] for r in rows} >= {1, 4}
 
 
+@pytest.mark.parametrize("flag", ["--bits", "--rows"])
+def test_bench_kernels_bad_list_is_one_line_exit_2(flag):
+    proc = subprocess.run([sys.executable, "-m", "harness.bench", "kernels", "--smoke", flag, "4,x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{flag} takes comma-separated integers" in proc.stderr.strip().splitlines()[-1]
+
+
 # ------------------------------------------------------------------------- sm_90, compiled without a GPU
 
 
