@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
     from omegaconf.errors import OmegaConfBaseException
 
+    from harness import launcher
     from harness.errors import UserError
     from harness.schema import register_configs
 
@@ -31,12 +32,16 @@ def main(argv: list[str] | None = None) -> None:
         argv.insert(_first_override(argv), f"hydra.searchpath=[file://{SWEEPS_DIR}]")
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let config errors reach us instead of Hydra's printer
     register_configs()
+    launcher.register()  # hydra/launcher=gpus
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
     sys.argv = [sys.argv[0], *argv]
     try:
         app()
     except UserError as exc:
         _die(exc.line())
+    except launcher.WorkerDied as exc:  # the other jobs ran and are recorded; a rerun does the rest
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except (hydra.errors.HydraException, OmegaConfBaseException) as exc:
         _die(describe_config_error(exc))
 
@@ -217,23 +222,29 @@ def _task(cfg: Any) -> float | None:
 
 def _take_slot(cfg: Any, hc: Any) -> Any:
     """In a sweep on one machine, hold one slot of the device pool for the whole job and pin the job
-    to that slot's GPU. On SLURM the scheduler hands out GPUs, so no pool is used there."""
+    to that slot's GPU. A worker of ``hydra/launcher=gpus`` already sees only its own GPU and takes its
+    own slot; under other launchers the job takes the lowest free slot and runs on ``cuda:<slot>``.
+    On SLURM the scheduler hands out GPUs, so no pool is used there."""
     from omegaconf import open_dict
 
     from harness import slots
+    from harness.launcher import pinned_slot
 
     if str(hc.launcher.get("_target_", "")).endswith("SlurmLauncher"):
         return None
-    slot = slots.acquire(Path(cfg.slots.dir), slots.slot_count(cfg.slots.count))
+    pinned = pinned_slot()
+    count = slots.slot_count(cfg.slots.count)
+    slot = slots.acquire(Path(cfg.slots.dir), max(count, (pinned or 0) + 1), index=pinned)
     if cfg.device in ("auto", "cuda") and slots.device_count() > 0:
         with open_dict(cfg):
-            cfg.device = f"cuda:{slot.index}"
+            cfg.device = "cuda:0" if pinned is not None else f"cuda:{slot.index}"
     return slot
 
 
 def slot_info(slot: Any, device: str) -> dict[str, Any]:
     """Which slot and which physical GPU a job used (for checking that no two jobs shared one)."""
-    info: dict[str, Any] = {"index": slot.index, "pid": os.getpid(), "device": device}
+    info: dict[str, Any] = {"index": slot.index, "pid": os.getpid(), "device": device,
+                            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if device.startswith("cuda"):
         import torch
 

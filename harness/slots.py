@@ -33,15 +33,19 @@ class Slot:
         self.release()
 
 
-def acquire(directory: str | Path, count: int, poll_s: float = 0.2, timeout_s: float | None = None) -> Slot:
-    """Take a free slot among ``count`` (waiting while all are taken); the lowest free index wins."""
+def acquire(directory: str | Path, count: int, poll_s: float = 0.2, timeout_s: float | None = None,
+            index: int | None = None) -> Slot:
+    """Take a free slot among ``count`` (waiting while all are taken); the lowest free index wins.
+    With ``index``, wait for that slot only (a worker pinned to one GPU)."""
     if count < 1:
         raise ValueError(f"a slot pool needs at least one slot, got {count}")
+    if index is not None and not 0 <= index < count:
+        raise ValueError(f"slot {index} is not in a pool of {count}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        for i in range(count):
+        for i in range(count) if index is None else (index,):
             path = directory / f"slot-{i}.lock"
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -55,6 +55,6 @@ def test_every_launcher_composes(launcher):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     target = cfg.hydra.launcher._target_
-    assert {"gpus": "Joblib", "slurm": "Slurm", "local": "Local"}[launcher] in target
+    assert {"gpus": "GpuPool", "slurm": "Slurm", "local": "Local"}[launcher] in target
     if launcher == "gpus":  # one job per GPU; at least one without a GPU
-        assert cfg.hydra.launcher.n_jobs >= 1
+        assert cfg.hydra.launcher.workers >= 1

@@ -37,6 +37,10 @@ def test_parallel_jobs_each_own_a_slot_and_never_overlap(tmp_path):
     recs = list(results.iter_records(tmp_path / "results"))
     assert len(recs) == 4 and {r["slot"]["index"] for r in recs} == {0, 1}
     assert len({r["slot"]["pid"] for r in recs}) == 2  # two worker processes, jobs spread over them
+    by_pid = {r["slot"]["pid"]: set() for r in recs}
+    for r in recs:
+        by_pid[r["slot"]["pid"]].add(r["slot"]["index"])
+    assert sorted(map(sorted, by_pid.values())) == [[0], [1]]  # a worker keeps its slot
     for i in (0, 1):
         spans = sorted((r["started_at"], r["finished_at"]) for r in recs if r["slot"]["index"] == i)
         assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
@@ -79,3 +83,28 @@ def test_sigkill_mid_sweep_loses_nothing_and_a_rerun_completes_it(tmp_path):
     hashes = [r["config_hash"] for r in after]
     assert len(after) == 8 and len(set(hashes)) == 8  # completed, no duplicate rows
     assert [r["run_id"] for r in after[: len(before)]] == [r["run_id"] for r in before]
+
+
+def test_a_worker_killed_mid_job_fails_that_job_only_and_a_rerun_completes_the_sweep(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HARNESS_CACHE=str(tmp_path / "cache"))
+    args = ["hydra/launcher=gpus", "slots.count=1", "quantizer=rtn", "quantizer.bits=3,4"]
+    proc = subprocess.Popen(sweep_cmd(tmp_path, *args), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "results" / ".slots" / "slot-0.lock"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # the first job holds slot 0: its holder is the worker
+        holder = lock.read_text().strip() if lock.exists() else ""
+        if holder:
+            break
+        time.sleep(0.02)
+    worker = int(holder)
+    assert worker != proc.pid
+    os.kill(worker, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-2000:]
+    assert "error: the worker running job #0" in err and "quantizer.bits=3" in err and "Traceback" not in err
+    recs = list(results.iter_records(tmp_path / "results"))
+    assert [r["relevant"]["quantizer"]["bits"] for r in recs] == [4]  # the other job ran, on a fresh worker
+    assert recs[0]["slot"]["pid"] != worker
+    run(tmp_path, *args)
+    assert sorted(r["relevant"]["quantizer"]["bits"] for r in results.iter_records(tmp_path / "results")) == [3, 4]
