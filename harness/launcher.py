@@ -57,12 +57,16 @@ def visible_gpus() -> list[str]:
     return (listed or [str(i) for i in range(n)])[:n]
 
 
-def worker_env(index: int, gpus: Sequence[str]) -> dict[str, str]:
-    """Environment of worker ``index``: its slot, and the one GPU it sees (workers share GPUs round-robin
-    when there are more workers than GPUs; without a GPU, only the slot)."""
+def worker_env(index: int, gpus: Sequence[str], workers: int = 1) -> dict[str, str]:
+    """Environment of worker ``index`` of ``workers``: its slot, and the one GPU it sees (workers share
+    GPUs round-robin when there are more workers than GPUs; without a GPU, only the slot). Each worker
+    also gets its share of the CPU cores for torch's threads, as joblib and torchrun do, unless
+    ``OMP_NUM_THREADS`` is set already: otherwise every worker starts one thread per core."""
     env = {SLOT_ENV: str(index)}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, workers)))
     return env
 
 
@@ -178,7 +182,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     state = Singleton.get_state()
     jobs = [cloudpickle.dumps((initial_job_idx + i, list(o), launcher.hydra_context, config,
                                launcher.task_function, state)) for i, o in enumerate(job_overrides)]
-    results = dispatch(jobs, workers, execute_job, lambda w: worker_env(w, gpus))
+    results = dispatch(jobs, workers, execute_job, lambda w: worker_env(w, gpus, workers))
     returns = []
     for idx, ((ok, value), overrides) in enumerate(zip(results, job_overrides, strict=True), initial_job_idx):
         if ok:

@@ -23,7 +23,7 @@ def _work(task):
 
 def test_workers_are_long_lived_and_keep_their_slot_and_gpu():
     tasks = list(range(12))
-    out = launcher.dispatch(tasks, 3, _work, lambda w: launcher.worker_env(w, ["5", "7", "2"]))
+    out = launcher.dispatch(tasks, 3, _work, lambda w: launcher.worker_env(w, ["5", "7", "2"], 3))
     assert all(ok for ok, _ in out)
     assert [v[3] for _, v in out] == tasks  # results in task order
     by_pid: dict[int, set] = {}
@@ -61,10 +61,20 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert launcher.visible_gpus() == []
 
 
-def test_worker_env_shares_gpus_round_robin_and_names_the_slot():
+def test_worker_env_shares_gpus_round_robin_and_names_the_slot(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert launcher.worker_env(0, ["4", "6"]) == {launcher.SLOT_ENV: "0", "CUDA_VISIBLE_DEVICES": "4"}
     assert launcher.worker_env(3, ["4", "6"]) == {launcher.SLOT_ENV: "3", "CUDA_VISIBLE_DEVICES": "6"}
     assert launcher.worker_env(1, []) == {launcher.SLOT_ENV: "1"}
+
+
+def test_workers_share_the_cores_unless_told(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert launcher.worker_env(0, ["0"], workers=4)["OMP_NUM_THREADS"] == "16"
+    assert launcher.worker_env(0, [], workers=128)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert "OMP_NUM_THREADS" not in launcher.worker_env(0, ["0"], workers=4)  # the user's setting stands
 
 
 def test_pinned_slot_reads_the_worker_environment(monkeypatch):
