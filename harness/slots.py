@@ -90,11 +90,16 @@ def occupancy(records: Iterable[dict]) -> dict:
         start = datetime.fromisoformat(r["started_at"]).timestamp()
         end = datetime.fromisoformat(r["finished_at"]).timestamp()
         jobs.append((slot.get("gpu_uuid") or f"slot-{slot['index']}", start, end, r.get("run_id", "?"), slot))
+
+    def device(slot: dict) -> str:  # a pinned worker's cuda:0 is the GPU its CUDA_VISIBLE_DEVICES names
+        seen = slot.get("visible_devices")
+        return f"{slot['device']} of CUDA_VISIBLE_DEVICES={seen}" if seen else slot["device"]
+
     gpus: dict[str, dict] = {}
     overlaps = []
     for key in sorted({j[0] for j in jobs}):
         mine = sorted((j for j in jobs if j[0] == key), key=lambda j: j[1])
-        gpus[key] = {"device": sorted({j[4]["device"] for j in mine}), "slots": sorted({j[4]["index"] for j in mine}),
+        gpus[key] = {"device": sorted({device(j[4]) for j in mine}), "slots": sorted({j[4]["index"] for j in mine}),
                      "jobs": len(mine), "busy_s": sum(j[2] - j[1] for j in mine)}
         for i, a in enumerate(mine):
             overlaps += [(a[3], b[3]) for b in mine[i + 1:] if b[1] < a[2]]

@@ -84,3 +84,9 @@ def test_occupancy_counts_jobs_per_gpu_and_finds_overlaps():
     assert occ["span_s"] == pytest.approx(15) and occ["job_s"] == pytest.approx(25)
     recs.append(slot_record("b3", 11, 13, "B", "cuda:1", 1))  # starts before b2 ends: the same GPU twice at once
     assert slots.occupancy(recs)["overlaps"] == [("b2", "b3")]
+
+
+def test_occupancy_names_a_pinned_workers_gpu_by_its_visible_devices():
+    rec = slot_record("p1", 0, 5, "C", "cuda:0", 2)
+    rec["slot"]["visible_devices"] = "2"
+    assert slots.occupancy([rec])["gpus"]["C"]["device"] == ["cuda:0 of CUDA_VISIBLE_DEVICES=2"]
