@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -191,9 +192,10 @@ def compiled_results(out: str) -> None:
             "bf16-8": tg.pair_path_runs(torch.bfloat16, 8, int(tg.TILE), dev),
             "bf16-4-element": tg.pair_path_runs(torch.bfloat16, 4, int(tg.ELEMENT), dev)}
     idx = torch.cuda.current_device()
-    real, tg._CAPABILITY[idx] = tg._CAPABILITY[idx], (7, 5)  # a Turing card: no fma.rn.bf16x2
+    real = tg._DEVICES[idx]
+    tg._DEVICES[idx] = replace(real, capability=(7, 5))  # a Turing card: no fma.rn.bf16x2
     gate["sm75"] = tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), dev)
-    tg._CAPABILITY[idx] = real
+    tg._DEVICES[idx] = real
     results["gate"] = gate | {"capability": torch.cuda.get_device_capability(idx)}
     torch.save(results, out)
 
@@ -324,16 +326,10 @@ from triton.compiler import ASTSource
 from quantizers.kernels import triton_gemm as tg
 M = 1 if "{kernel}" == "gemv" else 16
 cfg = [c for c in tg.candidates(M, {bits}) if c.kernel == "{kernel}"][0]
-per, words = tg.BLOCKS[{bits}]
 fn = {{"gemv": tg._gemv_kernel, "dot": tg._dot_kernel}}["{kernel}"]
-consts = dict(BITS={bits}, PER=per, WORDS=words, BN=cfg.bn, SPLIT=True, GROUPING=0, HAS_BIAS=True,
-              EVEN_K=True, EVEN_N=True, stride_xk=1, stride_yn=1)
-if "{kernel}" == "gemv":
-    consts.update(HAS_PERM=True, HIGH=tg.HIGH, BB=cfg.bk // per, XSPLIT=cfg.xsplit, LOG_PER=per.bit_length() - 1,
-                  PREFETCH=cfg.prefetch, PAIRS=cfg.pairs and "{x}" == "bf16" and {bits} in tg.PAIR_BITS,
-                  GROUP_LOG=tg._group_log(128, cfg.bk), **tg.pair_consts({bits}))
-else:
-    consts.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=False)
+pairs = "{kernel}" == "gemv" and cfg.pairs and "{x}" == "bf16" and {bits} in tg.PAIR_BITS
+consts = tg.constexprs(cfg, {bits}, split=True, grouping=0, has_bias=True, even_k=True, even_n=True, has_perm=True,
+                       pairs=pairs, group_size=128, dot_f32=False) | dict(stride_xk=1, stride_yn=1)
 ptr = {{"X": "*{x}", "QW": "*i32", "S": "*fp16", "Z": "*u8", "PERM": "*i32", "GIDX": "*i32", "BIAS": "*{x}",
        "Y": "*{x}", "WS": "*fp32", "WSI": "*i32", "CNT": "*i32"}}
 sig = {{a: ptr.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}}

@@ -655,18 +655,28 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
     return list(dict.fromkeys(out))
 
 
-_SM_COUNT: dict[int, int] = {}
-_CAPABILITY: dict[int, tuple[int, int]] = {}
+@dataclass(frozen=True)
+class _Device:
+    sms: int
+    capability: tuple[int, int]
+
+
+_DEVICES: dict[int, _Device] = {}  # by CUDA device index: what the plans need to know of a GPU
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _device(device: torch.device) -> _Device:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICES:
+        props = torch.cuda.get_device_properties(idx)
+        _DEVICES[idx] = _Device(props.multi_processor_count, (props.major, props.minor))
+    return _DEVICES[idx]
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few programs, so that split-K is exercised
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return _device(device).sms
 
 
 def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.device) -> bool:
@@ -675,12 +685,7 @@ def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.d
     (``fma.rn.bf16x2``: compute capability 8.0 or newer)."""
     if dtype != torch.bfloat16 or bits not in PAIR_BITS or grouping != int(TILE) or interpreted():
         return False
-    if device.type != "cuda":
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPABILITY[idx] >= ptx.MIN_CAPABILITY
+    return device.type == "cuda" and _device(device).capability >= ptx.MIN_CAPABILITY
 
 
 def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -748,7 +753,6 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
           config: Config | None) -> _Plan:
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
-    per, words = BLOCKS[rt.bits]
     n_tiles = triton.cdiv(N, cfg.bn)
     m_tiles = M if cfg.kernel == "gemv" else triton.cdiv(M, cfg.bm)
     k_tiles = triton.cdiv(K, cfg.bk)
@@ -757,32 +761,45 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
     split = max(1, min(split, k_tiles))
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty programs
+    pairs = cfg.kernel == "gemv" and cfg.pairs and pair_path_runs(dtype, rt.bits, grouping, device)
     fixed = dict(
         QW=rt.qweight, S=rt.scales, Z=rt.zeros, GIDX=rt.g_sorted, N=N, K=K, group_size=rt.group_size or K,
-        tiles_per_split=tiles_per_split, BITS=rt.bits, PER=per, WORDS=words, BN=cfg.bn, SPLIT=split > 1,
-        GROUPING=grouping, HAS_BIAS=has_bias, EVEN_K=K % cfg.bk == 0, EVEN_N=N % cfg.bn == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        tiles_per_split=tiles_per_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **constexprs(cfg, rt.bits, split=split > 1, grouping=grouping, has_bias=has_bias, even_k=K % cfg.bk == 0,
+                     even_n=N % cfg.bn == 0, has_perm=rt.perm is not None, pairs=pairs,
+                     group_size=rt.group_size, dot_f32=interpreted() or dtype == torch.float32),
     )
     gather_x = False  # act-order on the dot kernel: x's columns put in sorted order before the launch
-    path = PATHS[cfg.kernel]
+    path = PATHS["gemv-pairs" if pairs else cfg.kernel]
     if cfg.kernel == "gemv":
         kernel = _gemv_kernel
-        pairs = cfg.pairs and pair_path_runs(dtype, rt.bits, grouping, device)
-        if pairs:
-            path = PATHS["gemv-pairs"]
-        fixed.update(PERM=rt.perm if rt.perm is not None else rt.g_sorted, HAS_PERM=rt.perm is not None,
-                     magic=int(MAGIC), HIGH=HIGH, BB=cfg.bk // per,
-                     XSPLIT=cfg.xsplit and cfg.bk >= 32 * cfg.num_warps,  # each thread gathers whole elements
-                     LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, PAIRS=pairs,
-                     GROUP_LOG=_group_log(rt.group_size, cfg.bk), **pair_consts(rt.bits))
-    elif cfg.kernel == "dot":
+        fixed.update(PERM=rt.perm if rt.perm is not None else rt.g_sorted, magic=int(MAGIC))
+    else:
         kernel = _dot_kernel
         gather_x = rt.perm is not None
-        fixed.update(M=M, BM=cfg.bm, BK=cfg.bk, DOT_F32=interpreted() or dtype == torch.float32)
-    else:
-        raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or dot)")
+        fixed.update(M=M)
     return _Plan(kernel, (n_tiles, split, m_tiles), fixed, (M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
                  path + ("-interpreted" if interpreted() else ""), gather_x)
+
+
+def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: bool, even_k: bool, even_n: bool,
+               has_perm: bool, pairs: bool, group_size: int | None, dot_f32: bool) -> dict:
+    """The compile-time arguments of ``cfg``'s kernel (what Triton specialises on), from the launch's
+    facts; :func:`_plan` adds the tensors and runtime sizes. One place, so that an ahead-of-time build
+    compiles exactly what a launch runs."""
+    per, words = BLOCKS[bits]
+    out = dict(BITS=bits, PER=per, WORDS=words, BN=cfg.bn, SPLIT=split, GROUPING=grouping, HAS_BIAS=has_bias,
+               EVEN_K=even_k, EVEN_N=even_n)
+    if cfg.kernel == "gemv":
+        out.update(HAS_PERM=has_perm, HIGH=HIGH, BB=cfg.bk // per,
+                   XSPLIT=cfg.xsplit and cfg.bk >= 32 * cfg.num_warps,  # each thread gathers whole elements
+                   LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, PAIRS=pairs,
+                   GROUP_LOG=_group_log(group_size, cfg.bk), **pair_consts(bits))
+    elif cfg.kernel == "dot":
+        out.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=dot_f32)
+    else:
+        raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or dot)")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ tuning
