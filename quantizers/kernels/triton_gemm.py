@@ -283,9 +283,10 @@ def _gemv_kernel(
                                         EVEN_K and EVEN_N, True)
         else:
             w0, w1, w2 = _load_words(QW, t, offs_b, offs_n, n_ok, N, K, BB, PER, WORDS, EVEN_K and EVEN_N, True)
-        hw0 = w0 >> HIGH
-        hw1 = w1 >> HIGH
-        hw2 = w2 >> HIGH
+        if not PAIRS:  # the float32 path's high halves (see _select_code)
+            hw0 = w0 >> HIGH
+            hw1 = w1 >> HIGH
+            hw2 = w2 >> HIGH
         if GROUPING == TILE:  # one scale and zero per column
             if GROUP_LOG >= 0:  # group_size = BK · 2**GROUP_LOG: a shift, not a division
                 g = t >> GROUP_LOG
@@ -298,18 +299,20 @@ def _gemv_kernel(
             else:
                 zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)  # (BN,)
         part = tl.zeros((BB, BN), dtype=tl.float32)
+        if XSPLIT:  # the tile's x read once (gathered under act-order), one element per thread
+            kt = t * BK + tl.arange(0, BK)
+            if HAS_PERM:
+                xkt = tl.load(PERM + kt, mask=kt < K, other=0)
+            else:
+                xkt = kt
+            xs = tl.load(x_row + xkt * stride_xk, mask=kt < K, other=0.0)  # (BK,)
         if PAIRS:  # bfloat16 x, TILE grouping, 2, 3 or 4 bits: packed pairs (see ptx.pair_asm); the x pairs:
             P: tl.constexpr = PER // 2  # pairs (j, j + D) per block, runs of D pairs over 2D codes
             pidx = tl.arange(0, P)
             klo = t * BK + (tl.arange(0, BB) * PER)[:, None] + ((pidx // D) * (2 * D) + pidx % D)[None, :]
             khi = klo + D
-            if XSPLIT:  # the tile's x read once (gathered under act-order), one element per thread, regrouped
-                kt = t * BK + tl.arange(0, BK)
-                if HAS_PERM:
-                    xkt = tl.load(PERM + kt, mask=kt < K, other=0)
-                else:
-                    xkt = kt
-                xg = tl.load(x_row + xkt * stride_xk, mask=kt < K, other=0.0).to(tl.uint16, bitcast=True)
+            if XSPLIT:  # regrouped into the pairs
+                xg = xs.to(tl.uint16, bitcast=True)
                 lo, hi = tl.split(tl.permute(tl.reshape(xg, (BB, PER // (2 * D), 2, D)), (0, 1, 3, 2)))
                 lo = tl.reshape(lo, (BB, P))
                 hi = tl.reshape(hi, (BB, P))
@@ -335,12 +338,7 @@ def _gemv_kernel(
             hi = hi.to(tl.uint16, bitcast=True)
             part = _block_dot(w0, w1, w2, zz, lo.to(tl.uint32) | (hi.to(tl.uint32) << 16), BITS, BB)
         if XSPLIT and not PAIRS:
-            kt = t * BK + tl.arange(0, BK)
-            if HAS_PERM:
-                xkt = tl.load(PERM + kt, mask=kt < K, other=0)
-            else:
-                xkt = kt
-            xt = tl.reshape(tl.load(x_row + xkt * stride_xk, mask=kt < K, other=0.0).to(tl.float32), (BB, PER))
+            xt = tl.reshape(xs.to(tl.float32), (BB, PER))
         for j in tl.static_range(0 if PAIRS else PER):
             k = t * BK + offs_b * PER + j  # (BB,) sorted k of code j of each block
             k_ok = k < K
