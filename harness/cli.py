@@ -233,8 +233,10 @@ def _take_slot(cfg: Any, hc: Any) -> Any:
     if str(hc.launcher.get("_target_", "")).endswith("SlurmLauncher"):
         return None
     pinned = pinned_slot()
-    count = slots.slot_count(cfg.slots.count)
-    slot = slots.acquire(Path(cfg.slots.dir), max(count, (pinned or 0) + 1), index=pinned)
+    if pinned is not None:  # this worker's own slot, whatever the pool's size
+        slot = slots.acquire(Path(cfg.slots.dir), pinned + 1, index=pinned)
+    else:
+        slot = slots.acquire(Path(cfg.slots.dir), slots.slot_count(cfg.slots.count))
     if cfg.device in ("auto", "cuda") and slots.device_count() > 0:
         with open_dict(cfg):
             cfg.device = "cuda:0" if pinned is not None else f"cuda:{slot.index}"
