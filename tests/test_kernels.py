@@ -34,7 +34,8 @@ LAYOUTS = {  # group_size, act-order, irregular groups
     "irregular-act": (None, True, True),
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot"}
+PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
+         "dot-magic": "triton-dot-dq16"}
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # relative, to the float32 product
 # (name, config fields, rows of x): the defaults by M and the dot kernel (every case), then tiles that exercise
 # the other code paths (one per case, in turn): dot without split-K, x read per element, prefetch on two rows,
@@ -242,6 +243,12 @@ def test_interpreted_kernels_match_dequantize_then_matmul(interpreted, name):
         err = rel_err(y, reference(res, x, bias))
         assert err < TOL[dtype], f"{name} {label} {dtype}: relative error {err:.2e}"
         kernel = (RUNS[run][1].get("kernel") or ("gemv" if rows == 1 else "dot"))
+        bits, layout = CASES[name]
+        # the dot kernel dequantizes into x's 16-bit dtype when a code fits its mantissa (bfloat16: 7 bits,
+        # float16: 10) and every tile lies in one group; else through float32
+        fits = dtype == torch.float16 or (dtype == torch.bfloat16 and bits <= 4)
+        if kernel == "dot" and fits and not LAYOUTS[layout][2]:
+            kernel = "dot-magic"
         assert interpreted["paths"][(name, label)] == PATHS[kernel] + "-interpreted"
 
 
@@ -313,13 +320,15 @@ def test_bench_kernels_bad_list_is_one_line_exit_2(flag):
 
 
 @pytest.mark.parametrize("kernel,bits,x", [("gemv", 4, "bf16"), ("gemv", 2, "bf16"), ("gemv", 4, "fp16"),
-                                           ("gemv", 3, "bf16"), ("dot", 4, "bf16"),
-                                           ("dot", 3, "bf16"), ("dot", 4, "fp16")])
+                                           ("gemv", 3, "bf16"), ("dot", 4, "bf16"), ("dot", 2, "bf16"),
+                                           ("dot", 3, "bf16"), ("dot", 4, "fp16"), ("dot", 8, "bf16"),
+                                           ("dot", 8, "fp16")])
 def test_default_configs_compile_for_sm90_without_spills(kernel, bits, x, tmp_path):
     """The default launch of each kernel (act-order, split-K, bias) compiled ahead of time for an
     H100/H200, in a child that does not interpret: it builds, and keeps its registers (no local memory)."""
     code = f"""
 import json, sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -329,7 +338,9 @@ cfg = [c for c in tg.candidates(M, {bits}) if c.kernel == "{kernel}"][0]
 fn = {{"gemv": tg._gemv_kernel, "dot": tg._dot_kernel}}["{kernel}"]
 pairs = "{kernel}" == "gemv" and cfg.pairs and "{x}" == "bf16" and {bits} in tg.PAIR_BITS
 consts = tg.constexprs(cfg, {bits}, split=True, grouping=0, has_bias=True, even_k=True, even_n=True, has_perm=True,
-                       pairs=pairs, group_size=128, dot_f32=False) | dict(stride_xk=1, stride_yn=1)
+                       pairs=pairs, group_size=128, dot_f32=False,
+                       magic=tg.magic_bits(torch.{ {"bf16": "bfloat16", "fp16": "float16"}[x] }, {bits}, 0))
+consts |= dict(stride_xk=1, stride_yn=1)
 ptr = {{"X": "*{x}", "QW": "*i32", "S": "*fp16", "Z": "*u8", "PERM": "*i32", "GIDX": "*i32", "BIAS": "*{x}",
        "Y": "*{x}", "WS": "*fp32", "WSI": "*i32", "CNT": "*i32"}}
 sig = {{a: ptr.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}}

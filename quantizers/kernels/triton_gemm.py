@@ -80,7 +80,9 @@ BLOCKS = {2: (16, 1), 3: (32, 3), 4: (8, 1), 8: (4, 1)}  # bits → (codes, int3
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC | q) reads as 2**23 + q
 HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there (a kernel constexpr)
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
-PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot"}
+PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
+         "dot-magic": "triton-dot-dq16"}
+MAGIC16 = {torch.bfloat16: (0x4300, 7), torch.float16: (0x6400, 10)}  # bits of 2**e, and the widest code it holds
 
 
 def interpreted() -> bool:
@@ -377,20 +379,64 @@ def _gemv_kernel(
             CNT + m * tl.num_programs(0) + pid_n, n_ok, bias, SPLIT)
 
 
+@triton.jit
+def _half_code(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
+    """Code ``j`` of each packed block (words ``w0`` and, at 3 bits, ``w1``, ``w2``) as the 16-bit float
+    ``DT`` whose bits are ``MAGIC | code``: ``2**e + code`` exactly (bfloat16 ``0x4300`` = 128, 7-bit codes;
+    float16 ``0x6400`` = 1024, 10-bit codes): no integer-to-float conversion."""
+    bit: tl.constexpr = BITS * j
+    s: tl.constexpr = bit % 32
+    if bit // 32 == 0:
+        lo = w0
+        nxt = w1
+    elif bit // 32 == 1:
+        lo = w1
+        nxt = w2
+    else:
+        lo = w2
+        nxt = w2
+    if s + BITS > 32:  # 3 bits: codes 10 and 21 run into the next word
+        c = (lo >> s) | (nxt << (32 - s))
+    elif s == 0:
+        c = lo
+    else:
+        c = lo >> s
+    return ((c & ((1 << BITS) - 1)) | MAGIC).to(tl.uint16).to(DT, bitcast=True)
+
+
+@triton.jit
+def _half_codes(w0, w1, w2, START: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr,
+                MAGIC: tl.constexpr, DT: tl.constexpr):
+    """Codes ``START, START + STRIDE, …`` (``COUNT`` of them) of each block as (…, 2, …, 2): a tree of joins
+    (evens, then odds, on the last dimension), so that flattening puts code ``START + i·STRIDE`` at ``i``
+    and every block's codes stay in the registers of the thread that loaded its words."""
+    if COUNT == 1:
+        out = _half_code(w0, w1, w2, START, BITS, MAGIC, DT)
+    else:
+        out = tl.join(_half_codes(w0, w1, w2, START, 2 * STRIDE, COUNT // 2, BITS, MAGIC, DT),
+                      _half_codes(w0, w1, w2, START + STRIDE, 2 * STRIDE, COUNT // 2, BITS, MAGIC, DT))
+    return out
+
+
 @triton.jit(do_not_specialize=["tiles_per_split"])  # 1 or more: one compiled kernel
 def _dot_kernel(
     X, stride_xm, stride_xk, QW, S, Z, GIDX, BIAS, Y, stride_ym, stride_yn, WS, WSI, CNT,
     M, N, K, group_size, tiles_per_split,
     BITS: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, SPLIT: tl.constexpr, GROUPING: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, MAGIC: tl.constexpr,
 ):
     """A (BM, BN) tile of ``y`` over a K range, one ``tl.dot`` of (BM, BK) × (BK, BN) per K tile: program
     (n tile, k split, m tile). The tile's packed words are loaded once and spread over the ``PER`` codes
     each holds (a broadcast, shifted per code: 3 bits pick each code's word and the next one's low bits
     for the straddling codes), so the code tile comes out in plain ``k`` order and ``x`` is read as
     contiguous rows (act-order: ``x``'s columns already in sorted order). ``GROUPING`` TILE (the tile lies in one
-    group: the scale multiplies the tile's sum) or ELEMENT (scale and zero of every element)."""
+    group: the scale multiplies the tile's sum) or ELEMENT (scale and zero of every element).
+
+    ``MAGIC`` (TILE grouping, 16-bit ``x``, codes that fit the mantissa): the words are read as a (BN, blocks)
+    tile and each thread turns its own words into ``x``'s dtype by an and-or (:func:`_half_codes`), minus
+    ``MAGIC | zero`` (exact): no conversion unit, and the tile stays in the registers ``tl.dot`` reads, where
+    the broadcast path spreads every word over threads and goes through shared memory element by element."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     MAXQ: tl.constexpr = (1 << BITS) - 1
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -401,66 +447,94 @@ def _dot_kernel(
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BK))
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if MAGIC:
+        w_base = QW + (tl.arange(0, BK // PER) * WORDS)[None, :] * N + offs_n[:, None]  # (BN, blocks) of tile 0
+        x_base = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     for t in range(t0, t1):
         k = t * BK + offs_k  # (BK,) sorted k
         k_ok = k < K
-        if WORDS == 1:  # 2, 4, 8 bits: PER whole codes per word; the (BK / PER, BN) words, each spread over PER rows
-            BW: tl.constexpr = BK // PER
-            rows = t * BW + tl.arange(0, BW)
-            ptrs = QW + rows[:, None] * N + offs_n[None, :]
-            if EVEN_K and EVEN_N:
-                w = tl.load(ptrs, eviction_policy="evict_first")
-            else:
-                w = tl.load(ptrs, mask=(rows * PER < K)[:, None] & n_ok[None, :], other=0,
-                            eviction_policy="evict_first")
-            w = w.to(tl.uint32, bitcast=True)
-            shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
-            c = tl.reshape(tl.broadcast_to(w[:, None, :], (BW, PER, BN)) >> shifts[None, :, None], (BK, BN))
-        else:  # 3 bits: blocks of 32 codes in 3 words; codes 10 and 21 run into the next word
-            BB3: tl.constexpr = BK // 32
-            blk = t * BB3 + tl.arange(0, BB3)
-            ptrs = QW + (blk * 3)[:, None] * N + offs_n[None, :]
-            if EVEN_K and EVEN_N:
-                w0 = tl.load(ptrs, eviction_policy="evict_first")
-                w1 = tl.load(ptrs + N, eviction_policy="evict_first")
-                w2 = tl.load(ptrs + 2 * N, eviction_policy="evict_first")
-            else:
-                ok = (blk * 32 < K)[:, None] & n_ok[None, :]
-                w0 = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
-                w1 = tl.load(ptrs + N, mask=ok, other=0, eviction_policy="evict_first")
-                w2 = tl.load(ptrs + 2 * N, mask=ok, other=0, eviction_policy="evict_first")
-            w0 = w0.to(tl.uint32, bitcast=True)[:, None, :]
-            w1 = w1.to(tl.uint32, bitcast=True)[:, None, :]
-            w2 = w2.to(tl.uint32, bitcast=True)[:, None, :]
-            bit = tl.arange(0, 32) * 3  # code j of a block starts at bit 3j of the block's 96
-            word = (bit // 32)[None, :, None]
-            shift = (bit % 32).to(tl.uint32)[None, :, None]
-            lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))  # (BB3, 32, BN)
-            hi = tl.where(word == 0, w1, w2)
-            c = (lo >> shift) | tl.where(shift > 29, hi << ((32 - shift) & 31), 0)
-            c = tl.reshape(c, (BK, BN))
-        xt = tl.load(X + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-        q = (c & MAXQ).to(tl.float32)  # (BK, BN) codes
-        if GROUPING == TILE:
+        if MAGIC:  # (BN, blocks) words, each thread dequantizes its own into x's dtype
+            BB: tl.constexpr = BK // PER
+            blk = t * BB + tl.arange(0, BB)
+            ptrs = w_base + (t * BB * WORDS) * N  # one scalar step per tile, not a pointer per word
+            ok = n_ok[:, None] & (blk * PER < K)[None, :]
+            v0 = _load(ptrs, ok, EVEN_K and EVEN_N, True)
+            v1 = v0
+            v2 = v0
+            if WORDS == 3:
+                v1 = _load(ptrs + N, ok, EVEN_K and EVEN_N, True)
+                v2 = _load(ptrs + 2 * N, ok, EVEN_K and EVEN_N, True)
+            xt = tl.load(x_base + (t * BK) * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+            DT: tl.constexpr = X.dtype.element_ty
+            q = tl.reshape(_half_codes(v0, v1, v2, 0, 1, PER, BITS, MAGIC, DT), (BN, BK))  # MAGIC | code
             g = (t * BK) // group_size
             sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
-            zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-            d = q - zf[None, :]  # code − zero: an integer, exact in 16 bits
-        else:
-            ge = tl.load(GIDX + k, mask=k_ok, other=0)
-            sz = ge[:, None] * N + offs_n[None, :]
-            se = tl.load(S + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
-            ze = tl.load(Z + sz, mask=n_ok[None, :], other=0).to(tl.float32)
-            d = (q - ze) * se
-        if DOT_F32:
-            prod = tl.dot(xt.to(tl.float32), d, input_precision="ieee")
-        else:
-            prod = tl.dot(xt, d.to(xt.dtype))
-        if GROUPING == TILE:
+            zu = tl.load(Z + g * N + offs_n, mask=n_ok, other=0)
+            zm = (zu.to(tl.uint16) | MAGIC).to(DT, bitcast=True)  # MAGIC | zero
+            if DOT_F32:  # the interpreter (its 16-bit float arithmetic works on the raw bits)
+                d = q.to(tl.float32) - zm.to(tl.float32)[:, None]
+                prod = tl.dot(xt.to(tl.float32), tl.trans(d), input_precision="ieee")
+            else:
+                prod = tl.dot(xt, tl.trans(q - zm[:, None]))  # code − zero, exact in x's dtype
             acc += prod * sc[None, :]
-        else:
-            acc += prod
+        else:  # the codes spread over the tile by broadcasting, converted through float32
+            if WORDS == 1:  # 2, 4, 8 bits: PER whole codes per word; the (BK / PER, BN) words over PER rows
+                BW: tl.constexpr = BK // PER
+                rows = t * BW + tl.arange(0, BW)
+                ptrs = QW + rows[:, None] * N + offs_n[None, :]
+                if EVEN_K and EVEN_N:
+                    w = tl.load(ptrs, eviction_policy="evict_first")
+                else:
+                    w = tl.load(ptrs, mask=(rows * PER < K)[:, None] & n_ok[None, :], other=0,
+                                eviction_policy="evict_first")
+                w = w.to(tl.uint32, bitcast=True)
+                shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+                c = tl.reshape(tl.broadcast_to(w[:, None, :], (BW, PER, BN)) >> shifts[None, :, None], (BK, BN))
+            else:  # 3 bits: blocks of 32 codes in 3 words; codes 10 and 21 run into the next word
+                BB3: tl.constexpr = BK // 32
+                blk = t * BB3 + tl.arange(0, BB3)
+                ptrs = QW + (blk * 3)[:, None] * N + offs_n[None, :]
+                if EVEN_K and EVEN_N:
+                    w0 = tl.load(ptrs, eviction_policy="evict_first")
+                    w1 = tl.load(ptrs + N, eviction_policy="evict_first")
+                    w2 = tl.load(ptrs + 2 * N, eviction_policy="evict_first")
+                else:
+                    ok = (blk * 32 < K)[:, None] & n_ok[None, :]
+                    w0 = tl.load(ptrs, mask=ok, other=0, eviction_policy="evict_first")
+                    w1 = tl.load(ptrs + N, mask=ok, other=0, eviction_policy="evict_first")
+                    w2 = tl.load(ptrs + 2 * N, mask=ok, other=0, eviction_policy="evict_first")
+                w0 = w0.to(tl.uint32, bitcast=True)[:, None, :]
+                w1 = w1.to(tl.uint32, bitcast=True)[:, None, :]
+                w2 = w2.to(tl.uint32, bitcast=True)[:, None, :]
+                bit = tl.arange(0, 32) * 3  # code j of a block starts at bit 3j of the block's 96
+                word = (bit // 32)[None, :, None]
+                shift = (bit % 32).to(tl.uint32)[None, :, None]
+                lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))  # (BB3, 32, BN)
+                hi = tl.where(word == 0, w1, w2)
+                c = (lo >> shift) | tl.where(shift > 29, hi << ((32 - shift) & 31), 0)
+                c = tl.reshape(c, (BK, BN))
+            xt = tl.load(X + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+            q = (c & MAXQ).to(tl.float32)  # (BK, BN) codes
+            if GROUPING == TILE:
+                g = (t * BK) // group_size
+                sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
+                zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+                d = q - zf[None, :]  # code − zero: an integer, exact in 16 bits
+            else:
+                ge = tl.load(GIDX + k, mask=k_ok, other=0)
+                sz = ge[:, None] * N + offs_n[None, :]
+                se = tl.load(S + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                ze = tl.load(Z + sz, mask=n_ok[None, :], other=0).to(tl.float32)
+                d = (q - ze) * se
+            if DOT_F32:
+                prod = tl.dot(xt.to(tl.float32), d, input_precision="ieee")
+            else:
+                prod = tl.dot(xt, d.to(xt.dtype))
+            if GROUPING == TILE:
+                acc += prod * sc[None, :]
+            else:
+                acc += prod
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     else:
@@ -611,11 +685,11 @@ def default_config(M: int, bits: int, act_order: bool = False) -> Config:
     if M <= GEMV_MAX_M:
         return replace(GEMV_CONFIGS[bits], xsplit=True) if act_order and bits == 4 else GEMV_CONFIGS[bits]
     if M <= 16:
-        return Config("dot", bm=16, bn=128, bk=128, num_warps=4, num_stages=3)
+        return Config("dot", bm=16, bn=64, bk=128, num_warps=4, num_stages=3)
     if M <= 32:
-        return Config("dot", bm=32, bn=128, bk=64, num_warps=4, num_stages=4)
+        return Config("dot", bm=32, bn=64, bk=128, num_warps=4, num_stages=3)
     if M <= 64:
-        return Config("dot", bm=64, bn=128, bk=128, num_warps=8, num_stages=3)
+        return Config("dot", bm=64, bn=64, bk=128, num_warps=4, num_stages=3)
     return Config("dot", bm=128, bn=128, bk=64, num_warps=8, num_stages=3, split=1)
 
 
@@ -640,13 +714,15 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
         return list(dict.fromkeys(out))
     bm = min(max(16, triton.next_power_of_2(M)), 128)
     if bm <= 32:
-        out += [Config("dot", bm=bm, bn=128, bk=128, num_warps=4, num_stages=3),
+        out += [Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=4, warps_per_sm=32),
+                Config("dot", bm=bm, bn=128, bk=128, num_warps=4, num_stages=3),
                 Config("dot", bm=bm, bn=128, bk=64, num_warps=4, num_stages=4),
                 Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3),
                 Config("dot", bm=bm, bn=256, bk=128, num_warps=8, num_stages=3),
                 Config("dot", bm=bm, bn=128, bk=128, num_warps=4, num_stages=3, warps_per_sm=32)]
     else:
-        out += [Config("dot", bm=bm, bn=128, bk=128, num_warps=8, num_stages=3),
+        out += [Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3),
+                Config("dot", bm=bm, bn=128, bk=128, num_warps=8, num_stages=3),
                 Config("dot", bm=bm, bn=128, bk=64, num_warps=8, num_stages=3),
                 Config("dot", bm=bm, bn=64, bk=128, num_warps=4 if bm <= 64 else 8, num_stages=3, split=1),
                 Config("dot", bm=bm, bn=128, bk=64, num_warps=8, num_stages=3, split=1)]
@@ -684,6 +760,14 @@ def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.d
     if dtype != torch.bfloat16 or bits not in PAIR_BITS or grouping != int(TILE) or interpreted():
         return False
     return device.type == "cuda" and _device(device).capability >= ptx.MIN_CAPABILITY
+
+
+def magic_bits(dtype: torch.dtype, bits: int, grouping: int) -> int:
+    """The dot kernel's ``MAGIC`` for ``x`` of ``dtype``: the bits of ``2**e`` in that 16-bit float when its
+    mantissa holds a ``bits``-bit code and a tile lies in one group (bfloat16: 2–4 bits; float16: all), else
+    0 (the float32 conversion path)."""
+    magic, widest = MAGIC16.get(dtype, (0, 0))
+    return magic if bits <= widest and grouping == int(TILE) else 0
 
 
 def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -765,10 +849,13 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
         tiles_per_split=tiles_per_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **constexprs(cfg, rt.bits, split=split > 1, grouping=grouping, has_bias=has_bias, even_k=K % cfg.bk == 0,
                      even_n=N % cfg.bn == 0, has_perm=rt.perm is not None, pairs=pairs,
-                     group_size=rt.group_size, dot_f32=interpreted() or dtype == torch.float32),
+                     group_size=rt.group_size, dot_f32=interpreted() or dtype == torch.float32,
+                     magic=magic_bits(dtype, rt.bits, grouping)),
     )
     gather_x = False  # act-order on the dot kernel: x's columns put in sorted order before the launch
     path = PATHS["gemv-pairs" if pairs else cfg.kernel]
+    if cfg.kernel == "dot" and fixed["MAGIC"]:
+        path = PATHS["dot-magic"]
     if cfg.kernel == "gemv":
         kernel = _gemv_kernel
         fixed.update(PERM=rt.perm if rt.perm is not None else rt.g_sorted, magic=int(MAGIC))
@@ -781,7 +868,7 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
 
 
 def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: bool, even_k: bool, even_n: bool,
-               has_perm: bool, pairs: bool, group_size: int | None, dot_f32: bool) -> dict:
+               has_perm: bool, pairs: bool, group_size: int | None, dot_f32: bool, magic: int = 0) -> dict:
     """The compile-time arguments of ``cfg``'s kernel (what Triton specialises on), from the launch's
     facts; :func:`_plan` adds the tensors and runtime sizes. One place, so that an ahead-of-time build
     compiles exactly what a launch runs."""
@@ -794,7 +881,7 @@ def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: 
                    LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, PAIRS=pairs,
                    GROUP_LOG=_group_log(group_size, cfg.bk), **pair_consts(bits))
     elif cfg.kernel == "dot":
-        out.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=dot_f32)
+        out.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=dot_f32, MAGIC=magic)
     else:
         raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or dot)")
     return out
