@@ -244,9 +244,9 @@ def test_interpreted_kernels_match_dequantize_then_matmul(interpreted, name):
         assert err < TOL[dtype], f"{name} {label} {dtype}: relative error {err:.2e}"
         kernel = (RUNS[run][1].get("kernel") or ("gemv" if rows == 1 else "dot"))
         bits, layout = CASES[name]
-        # the dot kernel dequantizes into x's 16-bit dtype when a code fits its mantissa (bfloat16: 7 bits,
-        # float16: 10) and every tile lies in one group; else through float32
-        fits = dtype == torch.float16 or (dtype == torch.bfloat16 and bits <= 4)
+        # the dot kernel dequantizes into x's 16-bit dtype at 2, 3 and 4 bits when every tile lies in one
+        # group; else (8 bits, float32 x, irregular groups) through float32
+        fits = dtype in (torch.float16, torch.bfloat16) and bits <= 4
         if kernel == "dot" and fits and not LAYOUTS[layout][2]:
             kernel = "dot-magic"
         assert interpreted["paths"][(name, label)] == PATHS[kernel] + "-interpreted"

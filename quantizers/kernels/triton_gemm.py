@@ -380,41 +380,28 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _half_code(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
-    """Code ``j`` of each packed block (words ``w0`` and, at 3 bits, ``w1``, ``w2``) as the 16-bit float
-    ``DT`` whose bits are ``MAGIC | code``: ``2**e + code`` exactly (bfloat16 ``0x4300`` = 128, 7-bit codes;
-    float16 ``0x6400`` = 1024, 10-bit codes): no integer-to-float conversion."""
-    bit: tl.constexpr = BITS * j
-    s: tl.constexpr = bit % 32
-    if bit // 32 == 0:
-        lo = w0
-        nxt = w1
-    elif bit // 32 == 1:
-        lo = w1
-        nxt = w2
+def _half_code(w, j: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
+    """Code ``j`` of a run of 8 codes (``w``: the run at bit 0, uint32) as the 16-bit float ``DT`` whose bits
+    are ``MAGIC | code``: ``2**e + code`` exactly (bfloat16 ``0x4300`` = 128, float16 ``0x6400`` = 1024): no
+    integer-to-float conversion."""
+    if j == 0:
+        c = w
     else:
-        lo = w2
-        nxt = w2
-    if s + BITS > 32:  # 3 bits: codes 10 and 21 run into the next word
-        c = (lo >> s) | (nxt << (32 - s))
-    elif s == 0:
-        c = lo
-    else:
-        c = lo >> s
+        c = w >> (BITS * j)
     return ((c & ((1 << BITS) - 1)) | MAGIC).to(tl.uint16).to(DT, bitcast=True)
 
 
 @triton.jit
-def _half_codes(w0, w1, w2, START: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr,
+def _half_codes(w, START: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr,
                 MAGIC: tl.constexpr, DT: tl.constexpr):
-    """Codes ``START, START + STRIDE, …`` (``COUNT`` of them) of each block as (…, 2, …, 2): a tree of joins
-    (evens, then odds, on the last dimension), so that flattening puts code ``START + i·STRIDE`` at ``i``
-    and every block's codes stay in the registers of the thread that loaded its words."""
+    """Codes ``START, START + STRIDE, …`` (``COUNT`` of them) of each run ``w`` as (…, 2, …, 2): a tree of
+    joins (evens, then odds, on the last dimension), so that flattening puts code ``START + i·STRIDE`` at
+    ``i`` and a run's codes stay in the registers of the thread that loaded it."""
     if COUNT == 1:
-        out = _half_code(w0, w1, w2, START, BITS, MAGIC, DT)
+        out = _half_code(w, START, BITS, MAGIC, DT)
     else:
-        out = tl.join(_half_codes(w0, w1, w2, START, 2 * STRIDE, COUNT // 2, BITS, MAGIC, DT),
-                      _half_codes(w0, w1, w2, START + STRIDE, 2 * STRIDE, COUNT // 2, BITS, MAGIC, DT))
+        out = tl.join(_half_codes(w, START, 2 * STRIDE, COUNT // 2, BITS, MAGIC, DT),
+                      _half_codes(w, START + STRIDE, 2 * STRIDE, COUNT // 2, BITS, MAGIC, DT))
     return out
 
 
@@ -447,26 +434,44 @@ def _dot_kernel(
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BK))
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if MAGIC:
-        w_base = QW + (tl.arange(0, BK // PER) * WORDS)[None, :] * N + offs_n[:, None]  # (BN, blocks) of tile 0
+    if MAGIC:  # the (BN, runs) words of tile 0 that hold each run of 8 codes (bits 8·BITS·r on of a column)
+        run = tl.arange(0, BK // 8)
+        if BITS == 2:  # a run is one 16-bit half of a word: read as such, no shift
+            wa_base = QW.to(tl.pointer_type(tl.uint16)) + (run // 2)[None, :] * (2 * N) + (2 * offs_n)[:, None]
+            wa_base += (run % 2)[None, :]
+        elif BITS == 3:  # a run is 3 bytes of its block's 12 (little-endian words), read as bytes, no shift
+            byte = (run // 4) * 12 + (run % 4) * 3  # the run's first byte in the column's byte stream
+            wa_base = QW.to(tl.pointer_type(tl.uint8)) + (byte // 4)[None, :] * (4 * N) + (4 * offs_n)[:, None]
+            wa_base += (byte % 4)[None, :]
+            wb_base = QW.to(tl.pointer_type(tl.uint8)) + ((byte + 1) // 4)[None, :] * (4 * N) + (4 * offs_n)[:, None]
+            wb_base += ((byte + 1) % 4)[None, :]
+            wc_base = QW.to(tl.pointer_type(tl.uint8)) + ((byte + 2) // 4)[None, :] * (4 * N) + (4 * offs_n)[:, None]
+            wc_base += ((byte + 2) % 4)[None, :]
+        else:  # 4 bits: a run is a word
+            wa_base = QW + run[None, :] * N + offs_n[:, None]
         x_base = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     for t in range(t0, t1):
         k = t * BK + offs_k  # (BK,) sorted k
         k_ok = k < K
-        if MAGIC:  # (BN, blocks) words, each thread dequantizes its own into x's dtype
-            BB: tl.constexpr = BK // PER
-            blk = t * BB + tl.arange(0, BB)
-            ptrs = w_base + (t * BB * WORDS) * N  # one scalar step per tile, not a pointer per word
-            ok = n_ok[:, None] & (blk * PER < K)[None, :]
-            v0 = _load(ptrs, ok, EVEN_K and EVEN_N, True)
-            v1 = v0
-            v2 = v0
-            if WORDS == 3:
-                v1 = _load(ptrs + N, ok, EVEN_K and EVEN_N, True)
-                v2 = _load(ptrs + 2 * N, ok, EVEN_K and EVEN_N, True)
+        if MAGIC:  # (BN, runs of 8 codes) words, each thread dequantizes its own runs into x's dtype
+            runs_ok = n_ok[:, None] & ((t * BK + 8 * run) < K)[None, :]
+            step = (t * (BK * BITS // 32)) * N  # words before this tile: one scalar step, not a pointer per word
+            if BITS == 2:
+                if EVEN_K and EVEN_N:
+                    vw = tl.load(wa_base + 2 * step, eviction_policy="evict_first").to(tl.uint32)
+                else:
+                    vw = tl.load(wa_base + 2 * step, mask=runs_ok, other=0, eviction_policy="evict_first")
+                    vw = vw.to(tl.uint32)
+            elif BITS == 3:
+                b0 = tl.load(wa_base + 4 * step, mask=runs_ok, other=0, eviction_policy="evict_first")
+                b1 = tl.load(wb_base + 4 * step, mask=runs_ok, other=0, eviction_policy="evict_first")
+                b2 = tl.load(wc_base + 4 * step, mask=runs_ok, other=0, eviction_policy="evict_first")
+                vw = b0.to(tl.uint32) | (b1.to(tl.uint32) << 8) | (b2.to(tl.uint32) << 16)
+            else:
+                vw = _load(wa_base + step, runs_ok, EVEN_K and EVEN_N, True)
             xt = tl.load(x_base + (t * BK) * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             DT: tl.constexpr = X.dtype.element_ty
-            q = tl.reshape(_half_codes(v0, v1, v2, 0, 1, PER, BITS, MAGIC, DT), (BN, BK))  # MAGIC | code
+            q = tl.reshape(_half_codes(vw, 0, 1, 8, BITS, MAGIC, DT), (BN, BK))  # MAGIC | code
             g = (t * BK) // group_size
             sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
             zu = tl.load(Z + g * N + offs_n, mask=n_ok, other=0)
@@ -763,11 +768,11 @@ def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.d
 
 
 def magic_bits(dtype: torch.dtype, bits: int, grouping: int) -> int:
-    """The dot kernel's ``MAGIC`` for ``x`` of ``dtype``: the bits of ``2**e`` in that 16-bit float when its
-    mantissa holds a ``bits``-bit code and a tile lies in one group (bfloat16: 2–4 bits; float16: all), else
-    0 (the float32 conversion path)."""
+    """The dot kernel's ``MAGIC`` for ``x`` of ``dtype``: the bits of ``2**e`` in that 16-bit float (its
+    mantissa holds the code) at 2, 3 and 4 bits when a tile lies in one group, else 0 (the float32
+    conversion path: 8 bits, whose runs of 8 codes span two words, float32 ``x``, irregular groups)."""
     magic, widest = MAGIC16.get(dtype, (0, 0))
-    return magic if bits <= widest and grouping == int(TILE) else 0
+    return magic if bits <= min(widest, 4) and grouping == int(TILE) else 0
 
 
 def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
