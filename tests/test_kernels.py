@@ -244,9 +244,9 @@ def test_interpreted_kernels_match_dequantize_then_matmul(interpreted, name):
         assert err < TOL[dtype], f"{name} {label} {dtype}: relative error {err:.2e}"
         kernel = (RUNS[run][1].get("kernel") or ("gemv" if rows == 1 else "dot"))
         bits, layout = CASES[name]
-        # the dot kernel dequantizes into x's 16-bit dtype at 2, 3 and 4 bits when every tile lies in one
-        # group; else (8 bits, float32 x, irregular groups) through float32
-        fits = dtype in (torch.float16, torch.bfloat16) and bits <= 4
+        # the dot kernel dequantizes into x's 16-bit dtype at 2 and 4 bits when every tile lies in one group;
+        # else (3 and 8 bits, float32 x, irregular groups) through float32
+        fits = dtype in (torch.float16, torch.bfloat16) and bits in (2, 4)
         if kernel == "dot" and fits and not LAYOUTS[layout][2]:
             kernel = "dot-magic"
         assert interpreted["paths"][(name, label)] == PATHS[kernel] + "-interpreted"
@@ -391,6 +391,8 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     ref = reference(res, x, None)
     assert rel_err(y, ref) < TOL[dtype]
     assert compiled[name]["path"] in PATHS.values(), compiled[name]["path"]
+    if M > 1:  # the dot kernel: dequantizing into x's 16-bit dtype at 2 and 4 bits (groups of 128: one per tile)
+        assert compiled[name]["path"] == PATHS["dot-magic" if bits in (2, 4) else "dot"], compiled[name]["path"]
     if M == 1 and dtype == torch.bfloat16 and bits in (2, 4):  # the pairs unless tuning picked the float32 path
         pairs = not compiled[name]["tuned"].endswith("-pairs")
         assert compiled[name]["path"] == PATHS["gemv-pairs" if pairs else "gemv"]

@@ -42,9 +42,12 @@ dtype.
   float32) on (blocks, columns) tiles of packed words, the tile's ``x`` (gathered under act-order) read
   by every thread or once per program and regrouped (``xsplit``); split-K over enough programs to fill
   the GPU.
-* ``dot`` (larger ``M``): the tile's words spread over their codes in plain ``k`` order, then one
-  ``tl.dot`` (tensor cores) of (BM, BK) contiguous ``x`` with the (BK, BN) dequantized tile per K
-  tile, optional split-K.
+* ``dot`` (larger ``M``): one ``tl.dot`` (tensor cores) of (BM, BK) contiguous ``x`` with the dequantized
+  (BK, BN) tile per K tile, optional split-K. At 2 and 4 bits with 16-bit ``x`` (``triton-dot-dq16``) each
+  thread dequantizes runs of 8 codes it loaded itself straight into ``x``'s dtype (the code's bits or-ed
+  into the mantissa of ``2**7`` (bfloat16) or ``2**10`` (float16), minus the zero the same way: exact);
+  otherwise the tile's words are spread over their codes in plain ``k`` order and converted through
+  float32.
 
 **Tuning** (:func:`tuned_config`): a product without an explicit config times the :func:`candidates`
 for its row count (several tiles; the GEMV for one row, dot tiles above) once per (bits, shape, groups,
@@ -83,6 +86,7 @@ GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per ro
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
          "dot-magic": "triton-dot-dq16"}
 MAGIC16 = {torch.bfloat16: (0x4300, 7), torch.float16: (0x6400, 10)}  # bits of 2**e, and the widest code it holds
+DQ16_BITS = (2, 4)  # where the dot kernel dequantizes into x's 16-bit dtype (magic_bits)
 
 
 def interpreted() -> bool:
@@ -420,10 +424,11 @@ def _dot_kernel(
     contiguous rows (act-order: ``x``'s columns already in sorted order). ``GROUPING`` TILE (the tile lies in one
     group: the scale multiplies the tile's sum) or ELEMENT (scale and zero of every element).
 
-    ``MAGIC`` (TILE grouping, 16-bit ``x``, codes that fit the mantissa): the words are read as a (BN, blocks)
-    tile and each thread turns its own words into ``x``'s dtype by an and-or (:func:`_half_codes`), minus
-    ``MAGIC | zero`` (exact): no conversion unit, and the tile stays in the registers ``tl.dot`` reads, where
-    the broadcast path spreads every word over threads and goes through shared memory element by element."""
+    ``MAGIC`` (:func:`magic_bits`: 2 and 4 bits, 16-bit ``x``, TILE grouping): the words are read as a
+    (BN, runs of 8 codes) tile (4 bits: a word; 2 bits: a 16-bit half) and each thread turns its own runs
+    into ``x``'s dtype by an and-or (:func:`_half_codes`), minus ``MAGIC | zero`` (exact): no conversion
+    unit, and Triton loads the runs straight into the registers ``tl.dot`` reads, where the broadcast path
+    spreads every word over threads and goes through shared memory element by element."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     MAXQ: tl.constexpr = (1 << BITS) - 1
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -439,14 +444,6 @@ def _dot_kernel(
         if BITS == 2:  # a run is one 16-bit half of a word: read as such, no shift
             wa_base = QW.to(tl.pointer_type(tl.uint16)) + (run // 2)[None, :] * (2 * N) + (2 * offs_n)[:, None]
             wa_base += (run % 2)[None, :]
-        elif BITS == 3:  # a run is 3 bytes of its block's 12 (little-endian words), read as bytes, no shift
-            byte = (run // 4) * 12 + (run % 4) * 3  # the run's first byte in the column's byte stream
-            wa_base = QW.to(tl.pointer_type(tl.uint8)) + (byte // 4)[None, :] * (4 * N) + (4 * offs_n)[:, None]
-            wa_base += (byte % 4)[None, :]
-            wb_base = QW.to(tl.pointer_type(tl.uint8)) + ((byte + 1) // 4)[None, :] * (4 * N) + (4 * offs_n)[:, None]
-            wb_base += ((byte + 1) % 4)[None, :]
-            wc_base = QW.to(tl.pointer_type(tl.uint8)) + ((byte + 2) // 4)[None, :] * (4 * N) + (4 * offs_n)[:, None]
-            wc_base += ((byte + 2) % 4)[None, :]
         else:  # 4 bits: a run is a word
             wa_base = QW + run[None, :] * N + offs_n[:, None]
         x_base = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -462,11 +459,6 @@ def _dot_kernel(
                 else:
                     vw = tl.load(wa_base + 2 * step, mask=runs_ok, other=0, eviction_policy="evict_first")
                     vw = vw.to(tl.uint32)
-            elif BITS == 3:
-                b0 = tl.load(wa_base + 4 * step, mask=runs_ok, other=0, eviction_policy="evict_first")
-                b1 = tl.load(wb_base + 4 * step, mask=runs_ok, other=0, eviction_policy="evict_first")
-                b2 = tl.load(wc_base + 4 * step, mask=runs_ok, other=0, eviction_policy="evict_first")
-                vw = b0.to(tl.uint32) | (b1.to(tl.uint32) << 8) | (b2.to(tl.uint32) << 16)
             else:
                 vw = _load(wa_base + step, runs_ok, EVEN_K and EVEN_N, True)
             xt = tl.load(x_base + (t * BK) * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
@@ -769,10 +761,11 @@ def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.d
 
 def magic_bits(dtype: torch.dtype, bits: int, grouping: int) -> int:
     """The dot kernel's ``MAGIC`` for ``x`` of ``dtype``: the bits of ``2**e`` in that 16-bit float (its
-    mantissa holds the code) at 2, 3 and 4 bits when a tile lies in one group, else 0 (the float32
-    conversion path: 8 bits, whose runs of 8 codes span two words, float32 ``x``, irregular groups)."""
-    magic, widest = MAGIC16.get(dtype, (0, 0))
-    return magic if bits <= min(widest, 4) and grouping == int(TILE) else 0
+    mantissa holds the code) at 2 and 4 bits when a tile lies in one group, else 0: the float32 conversion
+    path (8 bits, whose runs of 8 codes span two words; 3 bits, whose runs straddle words: read as bytes or
+    shifted per run they measured slower than that path on an H200; float32 ``x``; irregular groups)."""
+    magic = MAGIC16.get(dtype, (0, 0))[0]
+    return magic if bits in DQ16_BITS and grouping == int(TILE) else 0
 
 
 def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
