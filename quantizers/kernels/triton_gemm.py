@@ -719,9 +719,15 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
                 Config("dot", bm=bm, bn=128, bk=64, num_warps=4, num_stages=4),
                 Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3),
                 Config("dot", bm=bm, bn=256, bk=128, num_warps=8, num_stages=3),
-                Config("dot", bm=bm, bn=128, bk=128, num_warps=4, num_stages=3, warps_per_sm=32)]
+                Config("dot", bm=bm, bn=128, bk=128, num_warps=4, num_stages=3, warps_per_sm=32),
+                # 12 warps an SM: the programs of 4-warp tiles fit one wave where three or four stay resident
+                # (120–170 registers a thread); 16 can leave a second, nearly empty wave (688 programs at
+                # 4096×11008 against 528 slots)
+                Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3, warps_per_sm=12),
+                Config("dot", bm=bm, bn=128, bk=64, num_warps=4, num_stages=4, warps_per_sm=12)]
     else:
         out += [Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3),
+                Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3, warps_per_sm=12),
                 Config("dot", bm=bm, bn=128, bk=128, num_warps=8, num_stages=3),
                 Config("dot", bm=bm, bn=128, bk=64, num_warps=8, num_stages=3),
                 Config("dot", bm=bm, bn=64, bk=128, num_warps=4 if bm <= 64 else 8, num_stages=3, split=1),
