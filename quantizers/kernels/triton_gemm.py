@@ -681,15 +681,16 @@ def default_config(M: int, bits: int, act_order: bool = False) -> Config:
     against 13.8 per thread at 4096×11008 on an H200, where without act-order per thread is faster."""
     if M <= GEMV_MAX_M:
         return replace(GEMV_CONFIGS[bits], xsplit=True) if act_order and bits == 4 else GEMV_CONFIGS[bits]
-    if M <= 16:  # the 16-bit dequantization (2, 4 bits) is fastest on narrower tiles than the float32 path
-        bn = 64 if bits in DQ16_BITS else 128
-        return Config("dot", bm=16, bn=bn, bk=128, num_warps=4, num_stages=3)
+    if M <= 16:  # the 16-bit dequantization (2, 4 bits) is fastest on narrower tiles, in one wave of programs
+        if bits in DQ16_BITS:
+            return Config("dot", bm=16, bn=64, bk=128, num_warps=4, num_stages=3, warps_per_sm=12)
+        return Config("dot", bm=16, bn=128, bk=128, num_warps=4, num_stages=3)
     if M <= 32:
         if bits in DQ16_BITS:
             return Config("dot", bm=32, bn=64, bk=128, num_warps=4, num_stages=3)
         return Config("dot", bm=32, bn=128, bk=64, num_warps=4, num_stages=4)
     if M <= 64:
-        return Config("dot", bm=64, bn=64, bk=128, num_warps=4, num_stages=3)
+        return Config("dot", bm=64, bn=64, bk=128, num_warps=4, num_stages=3, warps_per_sm=12 if bits == 4 else 16)
     return Config("dot", bm=128, bn=128, bk=64, num_warps=8, num_stages=3, split=1)
 
 
