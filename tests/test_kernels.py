@@ -126,6 +126,12 @@ def interpreted_results(out: str) -> None:
         results["layout_exact"][name] = bool(torch.equal(tg.unpack_runtime(rt), m.dequantize(torch.float32)))
         results["perm"] = results.get("perm", {}) | {name: rt.perm is not None}
     results["model"] = tiny_model_logits()
+    results["ragged"] = {}  # the 16-bit dot path with K and N off every tile (masked runs), both 16-bit dtypes
+    for (bits, dtype), (cfg, M) in zip(RAGGED, [(tg.Config("dot", bm=16, bn=32, bk=32, split=2), 5),
+                                                (tg.Config("dot", bm=16, bn=64, bk=64, split=1), 17)] * 2, strict=True):
+        res, x = ragged_inputs(bits, dtype, M)
+        rt = tg.runtime_of(module_of(res, None, dtype))
+        results["ragged"][(bits, str(dtype))] = (tg.matmul(x, rt, None, cfg), rt.path)
     keys = [(M, bits, act) for M in (1, 4, 16, 64, 2048) for bits in (2, 3, 4, 8) for act in (False, True)]
     results["candidates"] = {key: [c.name() for c in tg.candidates(*key)] for key in keys}
     results["defaults"] = {key: tg.default_config(*key).name() for key in keys}
@@ -134,6 +140,14 @@ def interpreted_results(out: str) -> None:
     results["tuning"] = tg.tuning_enabled()
     results["pairs_interpreted"] = tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), torch.device("cpu"))
     torch.save(results, out)
+
+
+RAGGED = [(2, torch.bfloat16), (4, torch.bfloat16), (2, torch.float16), (4, torch.float16)]
+
+
+def ragged_inputs(bits: int, dtype: torch.dtype, M: int) -> tuple[QuantResult, torch.Tensor]:
+    res = random_result(bits, 80, 48, 32, seed=bits + M)  # K = 80, N = 48: neither a multiple of 32
+    return res, torch.randn(M, 80, generator=torch.Generator().manual_seed(M)).to(dtype)
 
 
 def tiny_model_logits(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
@@ -250,6 +264,14 @@ def test_interpreted_kernels_match_dequantize_then_matmul(interpreted, name):
         if kernel == "dot" and fits and not LAYOUTS[layout][2]:
             kernel = "dot-magic"
         assert interpreted["paths"][(name, label)] == PATHS[kernel] + "-interpreted"
+
+
+def test_dot_dequantizing_into_16_bits_masks_ragged_k_and_n(interpreted):
+    for (bits, dtype), M in zip(RAGGED, [5, 17] * 2, strict=True):
+        y, path = interpreted["ragged"][(bits, str(dtype))]
+        res, x = ragged_inputs(bits, dtype, M)
+        assert path == PATHS["dot-magic"] + "-interpreted" and y.shape == (M, 48)
+        assert rel_err(y, reference(res, x, None)) < TOL[dtype], (bits, dtype)
 
 
 def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(interpreted):
