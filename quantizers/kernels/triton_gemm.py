@@ -85,7 +85,7 @@ HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there 
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
          "dot-magic": "triton-dot-dq16"}
-MAGIC16 = {torch.bfloat16: (0x4300, 7), torch.float16: (0x6400, 10)}  # bits of 2**e, and the widest code it holds
+MAGIC16 = {torch.bfloat16: 0x4300, torch.float16: 0x6400}  # bits of 2**7 and 2**10: MAGIC16 | code = 2**e + code
 DQ16_BITS = (2, 4)  # where the dot kernel dequantizes into x's 16-bit dtype (magic_bits)
 
 
@@ -774,7 +774,7 @@ def magic_bits(dtype: torch.dtype, bits: int, grouping: int) -> int:
     mantissa holds the code) at 2 and 4 bits when a tile lies in one group, else 0: the float32 conversion
     path (8 bits, whose runs of 8 codes span two words; 3 bits, whose runs straddle words: read as bytes or
     shifted per run they measured slower than that path on an H200; float32 ``x``; irregular groups)."""
-    magic = MAGIC16.get(dtype, (0, 0))[0]
+    magic = MAGIC16.get(dtype, 0)
     return magic if bits in DQ16_BITS and grouping == int(TILE) else 0
 
 
