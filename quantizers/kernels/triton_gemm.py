@@ -1,7 +1,7 @@
 """``y = x Wᵀ (+ b)`` with ``W`` GPTQ-packed (2, 3, 4, 8 bits), dequantized on the fly inside the product.
 
 Importing this module registers the ``"triton"`` backend of :class:`~quantizers.qlinear.QuantLinear`
-(``path``: ``triton-gemv-splitk`` or ``triton-dot``, whichever ran last).
+(``path``: the kernel that ran last, one of ``PATHS``: ``triton-gemv-bf16x2-splitk``, ``triton-dot-dq16``, …).
 
 **Runtime layout** (:class:`Runtime`, built once per module by :func:`prepare`; the checkpoint layout
 stays the export format):
