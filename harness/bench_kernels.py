@@ -236,6 +236,7 @@ def triton_columns(tg: Any, lins: list[QuantLinear], x: torch.Tensor, timer: Tim
         # launched from Python one after another, through QuantLinear: the CPU's share shows here
         out.update({"eager µs": timer.eager_us([lambda m=m: m(x) for m in lins]), "eager bf16 µs": bf16_eager})
     out["rel err"] = rel_err(tg.matmul(x, rts[0], None, cfg), x, lins[0])
+    out["path"] = rts[0].path  # the kernel and dequantization path the tuned config ran
     return out
 
 

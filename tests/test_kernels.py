@@ -328,6 +328,9 @@ def test_bench_kernels_smoke_prints_rows(tmp_path):
     assert rows and all(r["torch µs"] > 0 for r in rows)
     assert all(r["triton µs"] > 0 and r["rel err"] < 1e-2 for r in rows)  # the interpreter ran every row
     assert {r["act-order"] for r in rows} == {False, True} and {r["M"] for r in rows} >= {1, 4}
+    for r in rows:  # bf16 activations: one row on the GEMV (no inline PTX interpreted), 4 bits dequantized to bf16
+        kernel = "gemv" if r["M"] == 1 else ("dot-magic" if r["bits"] in (2, 4) else "dot")
+        assert r["path"] == PATHS[kernel] + "-interpreted", r
 
 
 @pytest.mark.parametrize("flag", ["--bits", "--rows"])
