@@ -21,6 +21,30 @@ def _work(task):
     return os.getpid(), os.environ.get(launcher.SLOT_ENV), os.environ.get("CUDA_VISIBLE_DEVICES"), task
 
 
+def _stamp(task):
+    """A job that says when it started."""
+    return task, time.monotonic()
+
+
+def test_tasks_start_in_the_given_order_and_come_back_in_task_order():
+    order = [3, 0, 4, 1, 2]
+    out = launcher.dispatch(list("abcde"), 1, _stamp, lambda w: launcher.worker_env(w, []), order=order)
+    assert [v[0] for _, v in out] == list("abcde")  # results in task order
+    started = sorted(range(5), key=lambda i: out[i][1][1])
+    assert started == order  # one worker: run exactly in the order given
+    with pytest.raises(ValueError, match="every task index once"):
+        launcher.dispatch([1, 2], 1, _stamp, lambda w: launcher.worker_env(w, []), order=[0, 0])
+
+
+def test_costliest_jobs_start_first_and_equals_keep_hydras_order():
+    jobs = [["quantizer=fp16", "quantizer.bits=4"], ["quantizer=rtn", "quantizer.bits=4"],
+            ["quantizer=gptq", "quantizer.bits=4"], ["+quantizer=obq"], ["quantizer=gptq_gptqmodel"],
+            ["quantizer.bits=3"], ["quantizer=gptq", "quantizer.bits=3"], ["quantizer=mystery"]]
+    assert launcher.longest_first(jobs) == [3, 2, 4, 6, 5, 7, 1, 0]
+    assert launcher.longest_first([["quantizer.bits=4"], ["quantizer.bits=3"]]) == [0, 1]  # nothing to go by
+    assert launcher.longest_first([]) == []
+
+
 def test_workers_are_long_lived_and_keep_their_slot_and_gpu():
     tasks = list(range(12))
     out = launcher.dispatch(tasks, 3, _work, lambda w: launcher.worker_env(w, ["5", "7", "2"], 3))
