@@ -131,10 +131,10 @@ def dispatch(tasks: Sequence[Any], workers: int, fn: Callable[[Any], Any],
     def start(w: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(1, mp_context=ctx, initializer=_pin, initargs=(env(w),))
 
-    pools = [start(w) for w in range(workers)]
     queue = deque(range(len(tasks)) if order is None else order)
-    if sorted(queue) != list(range(len(tasks))):
+    if sorted(queue) != list(range(len(tasks))):  # checked before any worker exists
         raise ValueError("order must list every task index once")
+    pools = [start(w) for w in range(workers)]
     running: dict[Future, tuple[int, int]] = {}  # future -> (worker, task)
     out: list[tuple[bool, Any]] = [(False, None)] * len(tasks)
     clean = False
