@@ -132,6 +132,10 @@ def interpreted_results(out: str) -> None:
         res, x = ragged_inputs(bits, dtype, M)
         rt = tg.runtime_of(module_of(res, None, dtype))
         results["ragged"][(bits, str(dtype))] = (tg.matmul(x, rt, None, cfg), rt.path)
+    g = torch.Generator().manual_seed(7)  # act-order x for the dot kernel: columns put in sorted order
+    x_cols = torch.randn(3, 1500, generator=g).to(torch.float16)[:, ::2]  # strided: 750 columns
+    perm = torch.randperm(750, generator=g).to(torch.int32)
+    results["gather"] = (tg.gather_columns(x_cols, perm), x_cols[:, perm.long()])
     keys = [(M, bits, act) for M in (1, 4, 16, 64, 2048) for bits in (2, 3, 4, 8) for act in (False, True)]
     results["candidates"] = {key: [c.name() for c in tg.candidates(*key)] for key in keys}
     results["defaults"] = {key: tg.default_config(*key).name() for key in keys}
@@ -272,6 +276,11 @@ def test_dot_dequantizing_into_16_bits_masks_ragged_k_and_n(interpreted):
         res, x = ragged_inputs(bits, dtype, M)
         assert path == PATHS["dot-magic"] + "-interpreted" and y.shape == (M, 48)
         assert rel_err(y, reference(res, x, None)) < TOL[dtype], (bits, dtype)
+
+
+def test_gather_columns_puts_x_in_sorted_order(interpreted):
+    got, want = interpreted["gather"]
+    assert got.is_contiguous() and torch.equal(got, want)
 
 
 def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(interpreted):

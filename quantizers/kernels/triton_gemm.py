@@ -12,8 +12,10 @@ stays the export format):
 * act-order: ``perm = argsort(g_idx, stable)``; the code rows are repacked in that order and the kernels
   read ``x[:, perm[k]]`` instead of ``x[:, k]``: the same sum, but every group is a contiguous run of
   ``k``, so a tile needs one scale and one zero per column instead of one per element. The GEMV gathers
-  its one row as it goes; for the dot kernel ``x``'s columns are put in that order once per call
-  (``index_select``), so its tiles read contiguous rows as without act-order.
+  its one row as it goes; for the dot kernel ``x``'s columns are put in that order once per call by a
+  small kernel (:func:`gather_columns`: 1.6–2.2 µs at M ≤ 16 on an H200, against 4.5–5.1 for
+  ``index_select``), so its tiles read contiguous rows as without act-order (gathering inside the dot
+  kernel, even a tile ahead, measured 2–10× slower: scattered 2-byte loads do not pipeline).
 * ``scales`` (G, out) float16: the module's buffer. ``zeros`` (G, out) uint8, unpacked once (v1's
   ``zero − 1`` convention undone).
 
@@ -44,10 +46,11 @@ dtype.
   the GPU.
 * ``dot`` (larger ``M``): one ``tl.dot`` (tensor cores) of (BM, BK) contiguous ``x`` with the dequantized
   (BK, BN) tile per K tile, optional split-K. At 2 and 4 bits with 16-bit ``x`` (``triton-dot-dq16``) each
-  thread dequantizes runs of 8 codes it loaded itself straight into ``x``'s dtype (the code's bits or-ed
-  into the mantissa of ``2**7`` (bfloat16) or ``2**10`` (float16), minus the zero the same way: exact);
-  otherwise the tile's words are spread over their codes in plain ``k`` order and converted through
-  float32.
+  thread dequantizes runs of 8 codes it loaded itself straight into ``x``'s dtype, two codes per
+  instruction (:func:`ptx.run_asm`: the codes' bits under the exponent of ``2**7`` (bfloat16) or
+  ``2**10`` (float16), then one packed FMA subtracts ``2**e + zero``: exact; interpreted, the same per
+  code in Triton); at up to 16 rows the weights are the left operand (``Config.swap``). Otherwise the
+  tile's words are spread over their codes in plain ``k`` order and converted through float32.
 
 **Tuning** (:func:`tuned_config`): a product without an explicit config times the :func:`candidates`
 for its row count (several tiles; the GEMV for one row, dot tiles above) once per (bits, shape, groups,
@@ -75,7 +78,7 @@ import triton
 import triton.language as tl
 
 from quantizers.kernels import l2_copies, ptx
-from quantizers.kernels.ptx import PAIR_BITS, pair_asm, pair_constraints
+from quantizers.kernels.ptx import PAIR_BITS, RUN_CONSTRAINTS, pair_asm, pair_constraints, run_asm
 from quantizers.pack import unpack_rows
 from quantizers.qlinear import Backend, QuantLinear, register_backend
 
@@ -409,13 +412,48 @@ def _half_codes(w, START: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexp
     return out
 
 
+@triton.jit
+def _gather_cols_kernel(X, stride_xm, stride_xk, PERM, Y, K, BLOCK: tl.constexpr):
+    """``Y[m, j] = X[m, PERM[j]]`` for one row ``m`` and ``BLOCK`` columns ``j``: program (column block, row)."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = tl.program_id(1)
+    ok = j < K
+    src = tl.load(PERM + j, mask=ok, other=0)
+    tl.store(Y + m * K + j, tl.load(X + m * stride_xm + src * stride_xk, mask=ok), mask=ok)
+
+
+def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[:, perm]`` as a contiguous (M, K) tensor, by one small kernel (act-order ahead of the ``dot``
+    kernel); ``torch.index_select`` where the kernels cannot run."""
+    M, K = x.shape
+    y = torch.empty((M, K), dtype=x.dtype, device=x.device)
+    block = 1024
+    _gather_cols_kernel[(triton.cdiv(K, block), M)](x, x.stride(0), x.stride(1), perm, y, K, BLOCK=block)
+    return y
+
+
+@triton.jit
+def _repeat8(w):
+    """``w`` (…) as (…, 2, 2, 2), every element ``w``'s: 8 copies of one register, no instruction."""
+    w = tl.join(w, w)
+    w = tl.join(w, w)
+    return tl.join(w, w)
+
+
+RUN_ASM2_BF16: tl.constexpr = tl.constexpr(run_asm(2, "bfloat16"))
+RUN_ASM4_BF16: tl.constexpr = tl.constexpr(run_asm(4, "bfloat16"))
+RUN_ASM2_F16: tl.constexpr = tl.constexpr(run_asm(2, "float16"))
+RUN_ASM4_F16: tl.constexpr = tl.constexpr(run_asm(4, "float16"))
+RUN_IO: tl.constexpr = tl.constexpr(RUN_CONSTRAINTS)
+
+
 @triton.jit(do_not_specialize=["tiles_per_split"])  # 1 or more: one compiled kernel
 def _dot_kernel(
     X, stride_xm, stride_xk, QW, S, Z, GIDX, BIAS, Y, stride_ym, stride_yn, WS, WSI, CNT,
     M, N, K, group_size, tiles_per_split,
     BITS: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, SPLIT: tl.constexpr, GROUPING: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, MAGIC: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, MAGIC: tl.constexpr, SWAP: tl.constexpr, GROUP_LOG: tl.constexpr,
 ):
     """A (BM, BN) tile of ``y`` over a K range, one ``tl.dot`` of (BM, BK) × (BK, BN) per K tile: program
     (n tile, k split, m tile). The tile's packed words are loaded once and spread over the ``PER`` codes
@@ -426,9 +464,11 @@ def _dot_kernel(
 
     ``MAGIC`` (:func:`magic_bits`: 2 and 4 bits, 16-bit ``x``, TILE grouping): the words are read as a
     (BN, runs of 8 codes) tile (4 bits: a word; 2 bits: a 16-bit half) and each thread turns its own runs
-    into ``x``'s dtype by an and-or (:func:`_half_codes`), minus ``MAGIC | zero`` (exact): no conversion
-    unit, and Triton loads the runs straight into the registers ``tl.dot`` reads, where the broadcast path
-    spreads every word over threads and goes through shared memory element by element."""
+    into ``code − zero`` in ``x``'s dtype by :func:`ptx.run_asm` (compiled; interpreted: an and-or per
+    code, :func:`_half_codes`, minus ``MAGIC | zero``): exact, no conversion unit, and Triton loads the
+    runs straight into the registers ``tl.dot`` reads, where the broadcast path spreads every word over
+    threads and goes through shared memory element by element. ``SWAP``: the weights are ``tl.dot``'s
+    left operand and ``y`` is accumulated transposed."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     MAXQ: tl.constexpr = (1 << BITS) - 1
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -438,7 +478,10 @@ def _dot_kernel(
     offs_k = tl.arange(0, BK)
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BK))
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP:  # the weights are the left operand of the product: accumulated as yᵀ
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     if MAGIC:  # the (BN, runs) words of tile 0 that hold each run of 8 codes (bits 8·BITS·r on of a column)
         run = tl.arange(0, BK // 8)
         if BITS == 2:  # a run is one 16-bit half of a word: read as such, no shift
@@ -463,17 +506,46 @@ def _dot_kernel(
                 vw = _load(wa_base + step, runs_ok, EVEN_K and EVEN_N, True)
             xt = tl.load(x_base + (t * BK) * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             DT: tl.constexpr = X.dtype.element_ty
-            q = tl.reshape(_half_codes(vw, 0, 1, 8, BITS, MAGIC, DT), (BN, BK))  # MAGIC | code
-            g = (t * BK) // group_size
+            if GROUP_LOG >= 0:  # group_size = BK · 2**GROUP_LOG: a shift, not a division
+                g = t >> GROUP_LOG
+            else:
+                g = (t * BK) // group_size
             sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
             zu = tl.load(Z + g * N + offs_n, mask=n_ok, other=0)
-            zm = (zu.to(tl.uint16) | MAGIC).to(DT, bitcast=True)  # MAGIC | zero
-            if DOT_F32:  # the interpreter (its 16-bit float arithmetic works on the raw bits)
+            if DOT_F32:  # the interpreter (no inline PTX; its 16-bit float arithmetic works on the raw bits)
+                q = tl.reshape(_half_codes(vw, 0, 1, 8, BITS, MAGIC, DT), (BN, BK))  # MAGIC | code
+                zm = (zu.to(tl.uint16) | MAGIC).to(DT, bitcast=True)  # MAGIC | zero
                 d = q.to(tl.float32) - zm.to(tl.float32)[:, None]
-                prod = tl.dot(xt.to(tl.float32), tl.trans(d), input_precision="ieee")
+                if SWAP:
+                    prod = tl.dot(d, tl.trans(xt.to(tl.float32)), input_precision="ieee")
+                else:
+                    prod = tl.dot(xt.to(tl.float32), tl.trans(d), input_precision="ieee")
+            else:  # code − zero, exact in x's dtype, two codes per instruction (ptx.run_asm)
+                nz = (zu.to(tl.uint32) | (MAGIC | 0x8000)) * 0x10001  # −(2**e + zero) in both halves
+                runs = tl.reshape(_repeat8(vw), (BN, BK))  # each code's run (the same register)
+                zb = tl.broadcast_to(nz[:, None], (BN, BK))
+                if BITS == 2:
+                    if MAGIC == 0x4300:
+                        d = tl.inline_asm_elementwise(RUN_ASM2_BF16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
+                                                      is_pure=True, pack=8)
+                    else:
+                        d = tl.inline_asm_elementwise(RUN_ASM2_F16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
+                                                      is_pure=True, pack=8)
+                else:
+                    if MAGIC == 0x4300:
+                        d = tl.inline_asm_elementwise(RUN_ASM4_BF16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
+                                                      is_pure=True, pack=8)
+                    else:
+                        d = tl.inline_asm_elementwise(RUN_ASM4_F16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
+                                                      is_pure=True, pack=8)
+                if SWAP:
+                    prod = tl.dot(d, tl.trans(xt))
+                else:
+                    prod = tl.dot(xt, tl.trans(d))
+            if SWAP:
+                acc += prod * sc[:, None]
             else:
-                prod = tl.dot(xt, tl.trans(q - zm[:, None]))  # code − zero, exact in x's dtype
-            acc += prod * sc[None, :]
+                acc += prod * sc[None, :]
         else:  # the codes spread over the tile by broadcasting, converted through float32
             if WORDS == 1:  # 2, 4, 8 bits: PER whole codes per word; the (BK / PER, BN) words over PER rows
                 BW: tl.constexpr = BK // PER
@@ -514,7 +586,10 @@ def _dot_kernel(
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             q = (c & MAXQ).to(tl.float32)  # (BK, BN) codes
             if GROUPING == TILE:
-                g = (t * BK) // group_size
+                if GROUP_LOG >= 0:
+                    g = t >> GROUP_LOG
+                else:
+                    g = (t * BK) // group_size
                 sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
                 zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
                 d = q - zf[None, :]  # code − zero: an integer, exact in 16 bits
@@ -532,6 +607,8 @@ def _dot_kernel(
                 acc += prod * sc[None, :]
             else:
                 acc += prod
+    if SWAP:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     else:
@@ -642,7 +719,9 @@ class Config:
     tile's ``x`` (gathered by ``perm`` under act-order) once per program and hands it out through
     shared memory instead of every thread reading every element; ``prefetch`` loads the next tile's
     words before multiplying the current one; ``pairs`` multiplies in bfloat16 pairs where it can
-    (bfloat16 ``x``, 2/3/4 bits, regular groups; else the float32 path runs, as with ``pairs=False``)."""
+    (bfloat16 ``x``, 2/3/4 bits, regular groups; else the float32 path runs, as with ``pairs=False``).
+    dot only: ``swap`` makes the dequantized weights the left operand of ``tl.dot`` (``y`` accumulated
+    transposed), where the 16-bit path runs (else ignored)."""
 
     kernel: str = "gemv"
     bn: int = 128
@@ -655,13 +734,15 @@ class Config:
     xsplit: bool = True
     prefetch: bool = False
     pairs: bool = True
+    swap: bool = False
 
     def name(self) -> str:
         split = f"s{self.split}" if self.split else f"w{self.warps_per_sm}"
         if self.kernel == "gemv":
             flags = ("+x" if self.xsplit else "") + ("+pf" if self.prefetch else "") + ("" if self.pairs else "-pairs")
             return f"gemv n{self.bn} k{self.bk} {split} x{self.num_warps}{flags}"
-        return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}"
+        swap = "+sw" if self.swap else ""
+        return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{swap}"
 
 
 # Hand-picked: the fastest over LLaMA-7B's three shapes on an H200 (sweeps/measurements/LOG.md) at 3 and 4
@@ -681,16 +762,16 @@ def default_config(M: int, bits: int, act_order: bool = False) -> Config:
     against 13.8 per thread at 4096×11008 on an H200, where without act-order per thread is faster."""
     if M <= GEMV_MAX_M:
         return replace(GEMV_CONFIGS[bits], xsplit=True) if act_order and bits == 4 else GEMV_CONFIGS[bits]
-    if M <= 16:  # the 16-bit dequantization (2, 4 bits) is fastest on narrower tiles, in one wave of programs
+    if M <= 16:  # the 16-bit dequantization (2, 4 bits): 32 columns of weights as the left operand, 2 warps
         if bits in DQ16_BITS:
-            return Config("dot", bm=16, bn=64, bk=128, num_warps=4, num_stages=3, warps_per_sm=12)
+            return Config("dot", bm=16, bn=32, bk=128, num_warps=2, num_stages=3, warps_per_sm=12, swap=True)
         return Config("dot", bm=16, bn=128, bk=128, num_warps=4, num_stages=3)
     if M <= 32:
         if bits in DQ16_BITS:
             return Config("dot", bm=32, bn=64, bk=128, num_warps=4, num_stages=3)
         return Config("dot", bm=32, bn=128, bk=64, num_warps=4, num_stages=4)
     if M <= 64:
-        return Config("dot", bm=64, bn=64, bk=128, num_warps=4, num_stages=3, warps_per_sm=12 if bits == 4 else 16)
+        return Config("dot", bm=64, bn=64, bk=128, num_warps=4, num_stages=3)
     return Config("dot", bm=128, bn=128, bk=64, num_warps=8, num_stages=3, split=1)
 
 
@@ -725,14 +806,20 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
                 # (120–170 registers a thread); 16 can leave a second, nearly empty wave (688 programs at
                 # 4096×11008 against 528 slots)
                 Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3, warps_per_sm=12),
-                Config("dot", bm=bm, bn=128, bk=64, num_warps=4, num_stages=4, warps_per_sm=12)]
+                Config("dot", bm=bm, bn=128, bk=64, num_warps=4, num_stages=4, warps_per_sm=12),
+                # the 16-bit path's weights as the left operand (x's registers need no shuffling into it)
+                Config("dot", bm=bm, bn=32, bk=128, num_warps=2, num_stages=3, warps_per_sm=12, swap=True),
+                Config("dot", bm=bm, bn=32, bk=256, num_warps=2, num_stages=3, warps_per_sm=8, swap=True)]
     else:
         out += [Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3),
                 Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3, warps_per_sm=12),
                 Config("dot", bm=bm, bn=128, bk=128, num_warps=8, num_stages=3),
                 Config("dot", bm=bm, bn=128, bk=64, num_warps=8, num_stages=3),
                 Config("dot", bm=bm, bn=64, bk=128, num_warps=4 if bm <= 64 else 8, num_stages=3, split=1),
-                Config("dot", bm=bm, bn=128, bk=64, num_warps=8, num_stages=3, split=1)]
+                Config("dot", bm=bm, bn=128, bk=64, num_warps=8, num_stages=3, split=1),
+                Config("dot", bm=bm, bn=32, bk=128, num_warps=2, num_stages=3, warps_per_sm=12, swap=True)]
+    if bits not in DQ16_BITS:  # swap only changes the 16-bit path
+        out = [c for c in out if not c.swap]
     return list(dict.fromkeys(out))
 
 
@@ -889,7 +976,8 @@ def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: 
                    LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, PAIRS=pairs,
                    GROUP_LOG=_group_log(group_size, cfg.bk), **pair_consts(bits))
     elif cfg.kernel == "dot":
-        out.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=dot_f32, MAGIC=magic)
+        out.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=dot_f32, MAGIC=magic, SWAP=cfg.swap and magic != 0,
+                   GROUP_LOG=_group_log(group_size, cfg.bk))
     else:
         raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or dot)")
     return out
@@ -909,7 +997,9 @@ TUNE_REPS = 5  # timed batches per candidate (the median counts)
 TUNE_CALLS = 16  # products per batch, at least one per weight copy
 TUNE_COPIES = 32  # weight copies at most (small layers stay partly in L2)
 TUNE_MARGIN = 0.03  # a candidate replaces the best so far only when this much faster (noise keeps the default)
-SLEEP_PER_CALL = 200_000  # GPU cycles of wait queued ahead of each batch, per product: longer than a launch
+SLEEP_PER_CALL = 1_000_000  # GPU cycles of wait queued ahead of each batch, per product: longer than its launches
+# (at 200 000, about 0.1 ms, the act-order products' two launches (gather, dot) from Python could outlast
+# the wait on an H200's host, and tuning then timed the host: it picked tiles twice as slow as the default)
 
 
 def _tune_key(rt: Runtime, M: int, x: torch.Tensor, has_bias: bool) -> tuple:
@@ -1004,7 +1094,7 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
         if final:  # config None: the tuned plan, looked up directly from now on
             rt.plans[key] = rt.plans[(M, x.dtype, x.device, bias is not None, cfg)] = plan
     if plan.gather_x:
-        x = x.index_select(1, rt.perm)
+        x = gather_columns(x, rt.perm)
     if plan.workspace[0]:
         ws, cnt = workspace(x.device, *plan.workspace)
     else:
