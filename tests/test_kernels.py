@@ -136,13 +136,6 @@ def interpreted_results(out: str) -> None:
     x_cols = torch.randn(3, 1500, generator=g).to(torch.float16)[:, ::2]  # strided: 750 columns
     perm = torch.randperm(750, generator=g).to(torch.int32)
     results["gather"] = (tg.gather_columns(x_cols, perm), x_cols[:, perm.long()])
-    results["runs3"] = {}  # 3 bits on the 16-bit path: runs of 8 codes out of the two words they span
-    for dtype, (cfg, M) in zip(RUNS3, [(tg.Config("dot", bm=16, bn=32, bk=64, num_warps=2, split=2, swap=True,
-                                                   runs3=True), 5),
-                                        (tg.Config("dot", bm=16, bn=64, bk=64, split=1, runs3=True), 17)], strict=True):
-        res, x = runs3_inputs(dtype, M)
-        rt = tg.runtime_of(module_of(res, None, dtype))
-        results["runs3"][str(dtype)] = (tg.matmul(x, rt, None, cfg), rt.path)
     keys = [(M, bits, act) for M in (1, 4, 16, 64, 2048) for bits in (2, 3, 4, 8) for act in (False, True)]
     results["candidates"] = {key: [c.name() for c in tg.candidates(*key)] for key in keys}
     results["defaults"] = {key: tg.default_config(*key).name() for key in keys}
@@ -154,15 +147,6 @@ def interpreted_results(out: str) -> None:
 
 
 RAGGED = [(2, torch.bfloat16), (4, torch.bfloat16), (2, torch.float16), (4, torch.float16)]
-
-
-RUNS3 = [torch.bfloat16, torch.float16]
-
-
-def runs3_inputs(dtype: torch.dtype, M: int) -> tuple[QuantResult, torch.Tensor]:
-    """3 bits, K = 224 (3.5 tiles of 64: the last one masked), N = 64, groups of 32, act-order."""
-    res = random_result(3, 224, 64, 32, seed=M, permuted=True)
-    return res, torch.randn(M, 224, generator=torch.Generator().manual_seed(M)).to(dtype)
 
 
 def ragged_inputs(bits: int, dtype: torch.dtype, M: int) -> tuple[QuantResult, torch.Tensor]:
@@ -299,14 +283,6 @@ def test_gather_columns_puts_x_in_sorted_order(interpreted):
     assert got.is_contiguous() and torch.equal(got, want)
 
 
-def test_dot_takes_3_bit_runs_into_16_bits(interpreted):
-    for dtype, M in zip(RUNS3, [5, 17], strict=True):
-        y, path = interpreted["runs3"][str(dtype)]
-        res, x = runs3_inputs(dtype, M)
-        assert path == PATHS["dot-magic"] + "-interpreted" and y.shape == (M, 64)
-        assert rel_err(y, reference(res, x, None)) < TOL[dtype], dtype
-
-
 def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(interpreted):
     for key, names in interpreted["candidates"].items():
         M, _, _ = key
@@ -380,7 +356,7 @@ def test_bench_kernels_bad_list_is_one_line_exit_2(flag):
 @pytest.mark.parametrize("kernel,bits,x", [("gemv", 4, "bf16"), ("gemv", 2, "bf16"), ("gemv", 4, "fp16"),
                                            ("gemv", 3, "bf16"), ("dot", 4, "bf16"), ("dot", 2, "bf16"),
                                            ("dot", 3, "bf16"), ("dot", 4, "fp16"), ("dot", 8, "bf16"),
-                                           ("dot", 8, "fp16"), ("dot+r3", 3, "bf16"), ("dot+r3", 3, "fp16")])
+                                           ("dot", 8, "fp16")])
 def test_default_configs_compile_for_sm90_without_spills(kernel, bits, x, tmp_path):
     """The default launch of each kernel (act-order, split-K, bias) compiled ahead of time for an
     H100/H200, in a child that does not interpret: it builds, and keeps its registers (no local memory)."""
@@ -392,13 +368,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from quantizers.kernels import triton_gemm as tg
 M = 1 if "{kernel}" == "gemv" else 16
-kernel, runs3 = "{kernel}".split("+")[0], "{kernel}".endswith("+r3")
-cfg = [c for c in tg.candidates(M, {bits}) if c.kernel == kernel and c.runs3 == runs3][0]
-fn = {{"gemv": tg._gemv_kernel, "dot": tg._dot_kernel}}[kernel]
-pairs = kernel == "gemv" and cfg.pairs and "{x}" == "bf16" and {bits} in tg.PAIR_BITS
+cfg = [c for c in tg.candidates(M, {bits}) if c.kernel == "{kernel}"][0]
+fn = {{"gemv": tg._gemv_kernel, "dot": tg._dot_kernel}}["{kernel}"]
+pairs = "{kernel}" == "gemv" and cfg.pairs and "{x}" == "bf16" and {bits} in tg.PAIR_BITS
 consts = tg.constexprs(cfg, {bits}, split=True, grouping=0, has_bias=True, even_k=True, even_n=True, has_perm=True,
                        pairs=pairs, group_size=128, dot_f32=False,
-                       magic=tg.magic_bits(torch.{ {"bf16": "bfloat16", "fp16": "float16"}[x] }, {bits}, 0, runs3))
+                       magic=tg.magic_bits(torch.{ {"bf16": "bfloat16", "fp16": "float16"}[x] }, {bits}, 0))
 consts |= dict(stride_xk=1, stride_yn=1)
 ptr = {{"X": "*{x}", "QW": "*i32", "S": "*fp16", "Z": "*u8", "PERM": "*i32", "GIDX": "*i32", "BIAS": "*{x}",
        "Y": "*{x}", "WS": "*fp32", "WSI": "*i32", "CNT": "*i32"}}
@@ -450,10 +425,8 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     ref = reference(res, x, None)
     assert rel_err(y, ref) < TOL[dtype]
     assert compiled[name]["path"] in PATHS.values(), compiled[name]["path"]
-    if M > 1:  # the dot kernel: dequantizing into x's 16-bit dtype at 2 and 4 bits (groups of 128: one per tile),
-        # at 3 bits where tuning picked the runs (+r3)
-        magic = bits in (2, 4) or (bits == 3 and "+r3" in compiled[name]["tuned"])
-        assert compiled[name]["path"] == PATHS["dot-magic" if magic else "dot"], compiled[name]["path"]
+    if M > 1:  # the dot kernel: dequantizing into x's 16-bit dtype at 2 and 4 bits (groups of 128: one per tile)
+        assert compiled[name]["path"] == PATHS["dot-magic" if bits in (2, 4) else "dot"], compiled[name]["path"]
     if M == 1 and dtype == torch.bfloat16 and bits in (2, 4):  # the pairs unless tuning picked the float32 path
         pairs = not compiled[name]["tuned"].endswith("-pairs")
         assert compiled[name]["path"] == PATHS["gemv-pairs" if pairs else "gemv"]

@@ -102,49 +102,40 @@ def pair_constraints(bits: int) -> str:
 
 # ------------------------------------------------------------------ the dot kernel's runs of 8 codes
 
-RUN_BITS = (2, 3, 4)  # widths with a run of 8 codes at bit 0 of one register (a word, half of one, 24 bits of two)
+RUN_BITS = (2, 4)  # widths whose run of 8 codes lies in one 32-bit register (4 bits: a word; 2 bits: half of one)
 RUN_FLOATS = {"bfloat16": (0x4300, 0x3F80), "float16": (0x6400, 0x3C00)}  # bits of 2**e (ulp 1), of 1.0
 
 
 def run_asm(bits: int, dtype: str) -> str:
     """PTX that turns a run of 8 codes (``$4``: the run at bit 0 of a 32-bit register, code ``j`` at bit
-    ``bits · j``; at 2 bits the upper half is zero; at 3 bits bits 24–31 are ignored) into ``code − zero``
-    for codes 0 … 7 in ``dtype`` (``"bfloat16"`` or ``"float16"``), two per output register (``$0 … $3``:
-    code ``2i`` in the low half, ``2i + 1`` in the high half, as Triton packs 16-bit elements). ``$12``
-    holds ``−(2**e + zero)`` in both halves (:func:`run_zero`); ``$5 … $11`` and ``$13 … $19`` are the
-    copies that Triton's packing of 8 elements passes, not read.
+    ``bits · j``; at 2 bits the upper half is zero) into ``code − zero`` for codes 0 … 7 in ``dtype``
+    (``"bfloat16"`` or ``"float16"``), two per output register (``$0 … $3``: code ``2i`` in the low
+    half, ``2i + 1`` in the high half, as Triton packs 16-bit elements). ``$12`` holds ``−(2**e + zero)``
+    in both halves (:func:`run_zero`); ``$5 … $11`` and ``$13 … $19`` are the copies that Triton's
+    packing of 8 elements passes, not read.
 
     Per pair of codes: their bits are brought to bit 0 and bit 16 of one register (4 bits: one ``prmt``
     of byte ``i`` of the run and of the run shifted right by 4; 2 bits: one shift of the run or-ed with
-    itself shifted left by 14; 3 bits: two shifts), ``lop3`` keeps them under the exponent of ``2**e``
-    whose ulp is 1 (``2**e + code`` in each half, exactly; one ``lop3``, two at 3 bits), one packed FMA
-    adds ``−(2**e + zero)``: ``code − zero``, exact, with no integer-to-float conversion. 13 instructions
-    for 8 codes at 2 and 4 bits, 19 at 3 bits."""
+    itself shifted left by 14), one ``lop3`` keeps them under the exponent of ``2**e`` whose ulp is 1
+    (``2**e + code`` in each half, exactly), one packed FMA adds ``−(2**e + zero)``: ``code − zero``,
+    exact, with no integer-to-float conversion. 13 instructions for 8 codes."""
     magic, one = RUN_FLOATS[dtype]
     op = {"bfloat16": "fma.rn.bf16x2", "float16": "fma.rn.f16x2"}[dtype]
     if bits not in RUN_BITS:
         raise ValueError(f"runs of 8 codes in one register take {RUN_BITS} bits, not {bits}")
     maxq = (1 << bits) - 1
-    both = f"{magic * 0x10001:#010x}"
     body = [".reg .b32 t, q, u, m;", f"mov.b32 m, {(one << 16) | one:#010x};"]
     if bits == 4:  # byte i of the run: codes 2i (bits 0–3) and 2i + 1 (bits 4–7)
         body.append("shr.u32 u, $4, 4;")
-    elif bits == 2:  # codes 2i and 2i + 1 at bits 4i and 4i + 2: with the run << 14 or-ed in, at 4i and 4i + 16
+    else:  # codes 2i and 2i + 1 at bits 4i and 4i + 2: with the run << 14 or-ed in, at 4i and 4i + 16
         body += ["shl.b32 u, $4, 14;", "or.b32 u, u, $4;"]
     for i in range(4):
-        if bits == 3:  # codes 2i and 2i + 1 at bits 6i and 6i + 3: one shift for each, to bit 0 and bit 16
-            body.append(f"shr.u32 t, $4, {6 * i};" if i else "mov.b32 t, $4;")
-            up = 13 - 6 * i
-            body.append(f"shl.b32 u, $4, {up};" if up >= 0 else f"shr.u32 u, $4, {-up};")
-            body.append(f"lop3.b32 q, t, {maxq:#010x}, {both}, 0xEA;")  # (t & maxq) | magic
-            body.append(f"lop3.b32 q, u, {maxq << 16:#010x}, q, 0xEA;")  # | (u & maxq << 16)
+        if bits == 4:
+            sel = i | i << 4 | (4 + i) << 8 | (4 + i) << 12  # result bytes 0, 1: byte i of the run; 2, 3: of u
+            body.append(f"prmt.b32 t, $4, u, {sel:#06x};")
         else:
-            if bits == 4:
-                sel = i | i << 4 | (4 + i) << 8 | (4 + i) << 12  # result bytes 0, 1: byte i of the run; 2, 3: of u
-                body.append(f"prmt.b32 t, $4, u, {sel:#06x};")
-            else:
-                body.append(f"shr.u32 t, u, {4 * i};" if i else "mov.b32 t, u;")
-            body.append(f"lop3.b32 q, t, {(maxq << 16) | maxq:#010x}, {both}, 0xEA;")  # (t & mask) | magic
+            body.append(f"shr.u32 t, u, {4 * i};" if i else "mov.b32 t, u;")
+        body.append(f"lop3.b32 q, t, {(maxq << 16) | maxq:#010x}, {magic * 0x10001:#010x}, 0xEA;")  # (t & mask) | magic
         body.append(f"{op} ${i}, q, m, $12;")
     return "{\n" + "\n".join(body) + "\n}"
 

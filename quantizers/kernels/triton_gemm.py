@@ -443,8 +443,6 @@ def _repeat8(w):
 RUN_ASM2_BF16: tl.constexpr = tl.constexpr(run_asm(2, "bfloat16"))
 RUN_ASM4_BF16: tl.constexpr = tl.constexpr(run_asm(4, "bfloat16"))
 RUN_ASM2_F16: tl.constexpr = tl.constexpr(run_asm(2, "float16"))
-RUN_ASM3_BF16: tl.constexpr = tl.constexpr(run_asm(3, "bfloat16"))
-RUN_ASM3_F16: tl.constexpr = tl.constexpr(run_asm(3, "float16"))
 RUN_ASM4_F16: tl.constexpr = tl.constexpr(run_asm(4, "float16"))
 RUN_IO: tl.constexpr = tl.constexpr(RUN_CONSTRAINTS)
 
@@ -489,10 +487,6 @@ def _dot_kernel(
         if BITS == 2:  # a run is one 16-bit half of a word: read as such, no shift
             wa_base = QW.to(tl.pointer_type(tl.uint16)) + (run // 2)[None, :] * (2 * N) + (2 * offs_n)[:, None]
             wa_base += (run % 2)[None, :]
-        elif BITS == 3:  # run r % 4 of a block of 32 codes (3 words) is its bits 24·(r % 4) …: in one or two words
-            rr = run % 4
-            rows = tl.join((run // 4) * 3 + (rr * 3) // 4, (run // 4) * 3 + (rr * 3 + 2) // 4)  # (runs, 2): the
-            wa_base = QW + rows[None, :, :] * N + offs_n[:, None, None]  # words it starts and ends in, one load
         else:  # 4 bits: a run is a word
             wa_base = QW + run[None, :] * N + offs_n[:, None]
         x_base = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -508,10 +502,6 @@ def _dot_kernel(
                 else:
                     vw = tl.load(wa_base + 2 * step, mask=runs_ok, other=0, eviction_policy="evict_first")
                     vw = vw.to(tl.uint32)
-            elif BITS == 3:  # the run funnel-shifted out of its two words (one shf)
-                lo, hi = tl.split(_load(wa_base + step, runs_ok[:, :, None], EVEN_K and EVEN_N, True))
-                sh = ((tl.arange(0, BK // 8) % 4) * 24 % 32).to(tl.uint32)[None, :]  # where in the first word
-                vw = (lo >> sh) | ((hi << 1) << (31 - sh))  # (hi:lo) >> sh, sh < 32
             else:
                 vw = _load(wa_base + step, runs_ok, EVEN_K and EVEN_N, True)
             xt = tl.load(x_base + (t * BK) * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
@@ -540,13 +530,6 @@ def _dot_kernel(
                                                       is_pure=True, pack=8)
                     else:
                         d = tl.inline_asm_elementwise(RUN_ASM2_F16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
-                                                      is_pure=True, pack=8)
-                elif BITS == 3:
-                    if MAGIC == 0x4300:
-                        d = tl.inline_asm_elementwise(RUN_ASM3_BF16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
-                                                      is_pure=True, pack=8)
-                    else:
-                        d = tl.inline_asm_elementwise(RUN_ASM3_F16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
                                                       is_pure=True, pack=8)
                 else:
                     if MAGIC == 0x4300:
@@ -738,9 +721,7 @@ class Config:
     words before multiplying the current one; ``pairs`` multiplies in bfloat16 pairs where it can
     (bfloat16 ``x``, 2/3/4 bits, regular groups; else the float32 path runs, as with ``pairs=False``).
     dot only: ``swap`` makes the dequantized weights the left operand of ``tl.dot`` (``y`` accumulated
-    transposed), where the 16-bit path runs (else ignored); ``runs3`` takes 3 bits (16-bit ``x``, a tile
-    in one group) on the 16-bit path, each run of 8 codes funnel-shifted out of the two words it spans
-    (else 3 bits go through float32)."""
+    transposed), where the 16-bit path runs (else ignored)."""
 
     kernel: str = "gemv"
     bn: int = 128
@@ -754,15 +735,14 @@ class Config:
     prefetch: bool = False
     pairs: bool = True
     swap: bool = False
-    runs3: bool = False
 
     def name(self) -> str:
         split = f"s{self.split}" if self.split else f"w{self.warps_per_sm}"
         if self.kernel == "gemv":
             flags = ("+x" if self.xsplit else "") + ("+pf" if self.prefetch else "") + ("" if self.pairs else "-pairs")
             return f"gemv n{self.bn} k{self.bk} {split} x{self.num_warps}{flags}"
-        flags = ("+sw" if self.swap else "") + ("+r3" if self.runs3 else "")
-        return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{flags}"
+        swap = "+sw" if self.swap else ""
+        return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{swap}"
 
 
 # Hand-picked: the fastest over LLaMA-7B's three shapes on an H200 (sweeps/measurements/LOG.md) at 3 and 4
@@ -840,10 +820,6 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
                 Config("dot", bm=bm, bn=32, bk=128, num_warps=2, num_stages=3, warps_per_sm=12, swap=True)]
     if bits not in DQ16_BITS:  # swap only changes the 16-bit path
         out = [c for c in out if not c.swap]
-    if bits == 3:  # the 16-bit path, runs of 8 codes funnel-shifted out of the two words they span
-        out += [Config("dot", bm=bm, bn=32, bk=128, num_warps=2, num_stages=3, warps_per_sm=12, swap=True, runs3=True),
-                Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3, warps_per_sm=12, runs3=True),
-                Config("dot", bm=bm, bn=64, bk=128, num_warps=4, num_stages=3, runs3=True)]
     return list(dict.fromkeys(out))
 
 
@@ -880,13 +856,13 @@ def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.d
     return device.type == "cuda" and _device(device).capability >= ptx.MIN_CAPABILITY
 
 
-def magic_bits(dtype: torch.dtype, bits: int, grouping: int, runs3: bool = False) -> int:
+def magic_bits(dtype: torch.dtype, bits: int, grouping: int) -> int:
     """The dot kernel's ``MAGIC`` for ``x`` of ``dtype``: the bits of ``2**e`` in that 16-bit float (its
-    mantissa holds the code) at 2 and 4 bits (3 bits with ``runs3``: :attr:`Config.runs3`) when a tile
-    lies in one group, else 0: the float32 conversion path (8 bits, whose codes do not fit the bfloat16
-    mantissa; float32 ``x``; irregular groups)."""
+    mantissa holds the code) at 2 and 4 bits when a tile lies in one group, else 0: the float32 conversion
+    path (8 bits, whose runs of 8 codes span two words; 3 bits, whose runs straddle words: read as bytes or
+    shifted per run they measured slower than that path on an H200; float32 ``x``; irregular groups)."""
     magic = MAGIC16.get(dtype, 0)
-    return magic if (bits in DQ16_BITS or (bits == 3 and runs3)) and grouping == int(TILE) else 0
+    return magic if bits in DQ16_BITS and grouping == int(TILE) else 0
 
 
 def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -969,7 +945,7 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
         **constexprs(cfg, rt.bits, split=split > 1, grouping=grouping, has_bias=has_bias, even_k=K % cfg.bk == 0,
                      even_n=N % cfg.bn == 0, has_perm=rt.perm is not None, pairs=pairs,
                      group_size=rt.group_size, dot_f32=interpreted() or dtype == torch.float32,
-                     magic=magic_bits(dtype, rt.bits, grouping, cfg.kernel == "dot" and cfg.runs3)),
+                     magic=magic_bits(dtype, rt.bits, grouping)),
     )
     gather_x = False  # act-order on the dot kernel: x's columns put in sorted order before the launch
     path = PATHS["gemv-pairs" if pairs else cfg.kernel]
