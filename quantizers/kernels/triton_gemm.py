@@ -859,10 +859,10 @@ def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.d
 def magic_bits(dtype: torch.dtype, bits: int, grouping: int) -> int:
     """The dot kernel's ``MAGIC`` for ``x`` of ``dtype``: the bits of ``2**e`` in that 16-bit float (its
     mantissa holds the code) at 2 and 4 bits when a tile lies in one group, else 0: the float32 conversion
-    path (8 bits, whose codes do not fit the bfloat16 mantissa; 3 bits, whose runs straddle words: read as
-    bytes, shifted per run, or funnel-shifted out of their two words into :func:`ptx.run_asm`'s pairs,
-    they measured slower than that path on an H200 (the last: 41–50 µs against 30–31 at 4096×11008,
-    M = 4 and 16); float32 ``x``; irregular groups)."""
+    path (8 bits, whose runs of 8 codes span two words and whose codes do not fit bfloat16's mantissa;
+    3 bits, whose runs straddle words: read as bytes, shifted per run, or funnel-shifted out of their two
+    words into :func:`ptx.run_asm`'s pairs, they measured slower than that path on an H200 (the last:
+    41–50 µs against 30–31 at 4096×11008, M = 4 and 16); float32 ``x``; irregular groups)."""
     magic = MAGIC16.get(dtype, 0)
     return magic if bits in DQ16_BITS and grouping == int(TILE) else 0
 
