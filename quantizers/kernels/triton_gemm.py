@@ -424,7 +424,7 @@ def _gather_cols_kernel(X, stride_xm, stride_xk, PERM, Y, K, BLOCK: tl.constexpr
 
 def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``x[:, perm]`` as a contiguous (M, K) tensor, by one small kernel (act-order ahead of the ``dot``
-    kernel); ``torch.index_select`` where the kernels cannot run."""
+    kernel; it runs wherever the other kernels do, interpreted included)."""
     M, K = x.shape
     y = torch.empty((M, K), dtype=x.dtype, device=x.device)
     block = 1024
