@@ -39,7 +39,7 @@ PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # relative, to the float32 product
 # (name, config fields, rows of x): the defaults by M and the dot kernel (every case), then tiles that exercise
 # the other code paths (one per case, in turn): dot without split-K, x read per element, prefetch on two rows,
-# split-K over two row tiles
+# split-K over two row tiles, the GEMV on x gathered ahead (act-order)
 RUNS = [
     ("gemv", {}, 1),
     ("dot-default", {}, 5),
@@ -48,6 +48,7 @@ RUNS = [
     ("gemv-s1-noxsplit", {"kernel": "gemv", "bn": 64, "bk": 32, "split": 1, "xsplit": False}, 1),
     ("gemv-prefetch", {"kernel": "gemv", "bn": 64, "bk": 64, "split": 2, "prefetch": True}, 2),
     ("dot-rowtiles", {"kernel": "dot", "bm": 16, "bn": 32, "bk": 32, "split": 3}, 17),
+    ("gemv-gather", {"kernel": "gemv", "bn": 64, "bk": 32, "split": 2, "gather": True}, 1),
 ]
 
 
@@ -126,6 +127,11 @@ def interpreted_results(out: str) -> None:
         results["layout_exact"][name] = bool(torch.equal(tg.unpack_runtime(rt), m.dequantize(torch.float32)))
         results["perm"] = results.get("perm", {}) | {name: rt.perm is not None}
     results["model"] = tiny_model_logits()
+    res, x, bias, dtype = case_inputs("2-g64-act", len(RUNS) - 1)  # the GEMV on x gathered ahead
+    rt = tg.runtime_of(module_of(res, bias, dtype))
+    plan = tg._plan(rt, 1, dtype, x.device, bias is not None, tg.Config(**RUNS[-1][1]))
+    results["gather_plan"] = (plan.gather_x, plan.pdl, plan.fixed["HAS_PERM"], plan.fixed["PDL"],
+                              "launch_pdl" in plan.fixed)
     results["ragged"] = {}  # the 16-bit dot path with K and N off every tile (masked runs), both 16-bit dtypes
     for (bits, dtype), (cfg, M) in zip(RAGGED, [(tg.Config("dot", bm=16, bn=32, bk=32, split=2), 5),
                                                 (tg.Config("dot", bm=16, bn=64, bk=64, split=1), 17)] * 2, strict=True):
@@ -205,6 +211,7 @@ def compiled_results(out: str) -> None:
         for cfg in tg.candidates(M, bits, act):  # every candidate tuning may pick, each checked on its own
             results[name][cfg.name()] = tg.matmul(x.cuda(), rt, None, cfg).cpu()
     results["model"] = tiny_model_logits("cuda", torch.float16)
+    results["pdl"] = pdl_results()
     dev = torch.device("cuda")
     gate = {"bf16-4": tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), dev),
             "fp16-4": tg.pair_path_runs(torch.float16, 4, int(tg.TILE), dev),
@@ -217,6 +224,29 @@ def compiled_results(out: str) -> None:
     tg._DEVICES[idx] = real
     results["gate"] = gate | {"capability": torch.cuda.get_device_capability(idx)}
     torch.save(results, out)
+
+
+def pdl_results() -> dict:
+    """Act-order through the dot kernel (x gathered ahead) and the GEMV on gathered x, with programmatic
+    dependent launch (the default on sm_90+) and without (``HARNESS_KERNEL_PDL=0``)."""
+    import os
+
+    from quantizers.kernels import triton_gemm as tg
+
+    out = {}
+    for M, cfg in ((16, None), (1, tg.Config("gemv", bn=128, bk=64, num_warps=1, xsplit=False, gather=True))):
+        res, x = gpu_inputs(4, 4096, 4096, 128, True, M, torch.bfloat16)
+        rt = tg.runtime_of(module_of(res, None, torch.bfloat16).cuda())
+        cfg = cfg or tg.default_config(M, 4, True)
+        for flag in ("1", "0"):
+            os.environ["HARNESS_KERNEL_PDL"] = flag
+            rt.plans.clear()
+            y = tg.matmul(x.cuda(), rt, None, cfg)
+            plan = next(iter(rt.plans.values()))
+            out[(M, flag)] = {"y": y.cpu(), "pdl": plan.pdl, "launch_pdl": plan.fixed.get("launch_pdl", False),
+                              "gather": plan.gather_x}
+        os.environ.pop("HARNESS_KERNEL_PDL")
+    return out
 
 
 GPU_CASES = {  # bits, K, N, group size, act-order, M, dtype
@@ -281,6 +311,12 @@ def test_dot_dequantizing_into_16_bits_masks_ragged_k_and_n(interpreted):
 def test_gather_columns_puts_x_in_sorted_order(interpreted):
     got, want = interpreted["gather"]
     assert got.is_contiguous() and torch.equal(got, want)
+
+
+def test_gemv_with_gather_reads_x_in_sorted_order_and_interpreted_launches_plainly(interpreted):
+    # gathered ahead, the GEMV reads no perm; no programmatic dependent launch off a GPU
+    assert interpreted["gather_plan"] == (True, False, False, False, False)
+    assert "gemv-gather" in {RUNS[r][0] for name in CASES if LAYOUTS[CASES[name][1]][1] for r in case_runs(name)}
 
 
 def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(interpreted):
@@ -434,6 +470,19 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     assert compiled[name]["tuned"] in others and len(others) >= 4
     for label, y_cfg in others.items():
         assert y_cfg.dtype == dtype and rel_err(y_cfg, ref) < TOL[dtype], label
+
+
+@pytest.mark.gpu
+def test_act_order_gather_and_product_overlap_by_pdl_on_hopper(compiled):
+    hopper = tuple(compiled["gate"]["capability"]) >= (9, 0)
+    for M in (16, 1):
+        res, x = gpu_inputs(4, 4096, 4096, 128, True, M, torch.bfloat16)
+        ref = reference(res, x, None)
+        on, off = compiled["pdl"][(M, "1")], compiled["pdl"][(M, "0")]
+        assert on["gather"] and off["gather"]
+        assert (on["pdl"], on["launch_pdl"]) == (hopper, hopper) and not (off["pdl"] or off["launch_pdl"])
+        assert rel_err(on["y"], ref) < TOL[torch.bfloat16] and rel_err(off["y"], ref) < TOL[torch.bfloat16]
+        assert rel_err(on["y"], off["y"].float()) < 1e-3  # the same sums, up to split-K's order
 
 
 @pytest.mark.gpu

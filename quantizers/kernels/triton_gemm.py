@@ -78,6 +78,11 @@ import triton
 import triton.language as tl
 
 from quantizers.kernels import l2_copies, ptx
+
+try:  # grid dependency control (programmatic dependent launch, sm_90+): Triton 3.3 and newer
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: act-order's two launches simply run one after the other
+    gdc_launch_dependents = gdc_wait = None
 from quantizers.kernels.ptx import PAIR_BITS, RUN_CONSTRAINTS, pair_asm, pair_constraints, run_asm
 from quantizers.pack import unpack_rows
 from quantizers.qlinear import Backend, QuantLinear, register_backend
@@ -90,6 +95,7 @@ PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk"
          "dot-magic": "triton-dot-dq16"}
 MAGIC16 = {torch.bfloat16: 0x4300, torch.float16: 0x6400}  # bits of 2**7 and 2**10: MAGIC16 | code = 2**e + code
 DQ16_BITS = (2, 4)  # where the dot kernel dequantizes into x's 16-bit dtype (magic_bits)
+RUN_DTYPES = {0x4300: "bfloat16", 0x6400: "float16"}  # MAGIC16 → the dtype ptx.run_asm is written for
 
 
 def interpreted() -> bool:
@@ -266,14 +272,17 @@ def _gemv_kernel(
     SPLIT: tl.constexpr, GROUPING: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, HIGH: tl.constexpr, XSPLIT: tl.constexpr, LOG_PER: tl.constexpr,
     PREFETCH: tl.constexpr, PAIRS: tl.constexpr, GROUP_LOG: tl.constexpr, D: tl.constexpr, ZLO: tl.constexpr,
-    ZLO_SHIFT: tl.constexpr, ZHI: tl.constexpr,
+    ZLO_SHIFT: tl.constexpr, ZHI: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row ``m`` of ``x`` × a (K range, BN) slice of ``W``: program (n tile, k split, m).
 
     CUDA-core FMAs on (BB blocks, BN columns) tiles of packed words. ``PAIRS``: one inline-PTX block per
     packed block (:func:`_block_dot`), two codes per instruction; else per code one and-or, one
     subtraction, one FMA (:func:`_code`). The scale once per block. ``GROUPING`` TILE or ELEMENT (the
-    float32 path only)."""
+    float32 path only). ``PDL``: launched while the kernel that gathered ``x`` may still run (as in
+    :func:`_dot_kernel`)."""
+    if PDL:
+        gdc_wait()
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BK: tl.constexpr = BB * PER  # codes of k per tile
     offs_n = pid_n * BN + tl.arange(0, BN)  # (BN,)
@@ -413,22 +422,28 @@ def _half_codes(w, START: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexp
 
 
 @triton.jit
-def _gather_cols_kernel(X, stride_xm, stride_xk, PERM, Y, K, BLOCK: tl.constexpr):
-    """``Y[m, j] = X[m, PERM[j]]`` for one row ``m`` and ``BLOCK`` columns ``j``: program (column block, row)."""
+def _gather_cols_kernel(X, stride_xm, stride_xk, PERM, Y, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """``Y[m, j] = X[m, PERM[j]]`` for one row ``m`` and ``BLOCK`` columns ``j``: program (column block, row).
+    ``PDL``: the kernel launched next (with programmatic dependent launch) may start right away; it waits for
+    this one's results itself (``gdc_wait``)."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = tl.program_id(1)
     ok = j < K
     src = tl.load(PERM + j, mask=ok, other=0)
     tl.store(Y + m * K + j, tl.load(X + m * stride_xm + src * stride_xk, mask=ok), mask=ok)
+    if PDL:  # after the store: letting it launch at the start measured slower where its programs fill the GPU
+        gdc_launch_dependents()
 
 
-def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def gather_columns(x: torch.Tensor, perm: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """``x[:, perm]`` as a contiguous (M, K) tensor, by one small kernel (act-order ahead of the ``dot``
-    kernel; it runs wherever the other kernels do, interpreted included)."""
+    kernel; it runs wherever the other kernels do, interpreted included). ``pdl``: let the next kernel,
+    launched with programmatic dependent launch, start while this one runs (:func:`pdl_runs`)."""
     M, K = x.shape
     y = torch.empty((M, K), dtype=x.dtype, device=x.device)
     block = 1024
-    _gather_cols_kernel[(triton.cdiv(K, block), M)](x, x.stride(0), x.stride(1), perm, y, K, BLOCK=block)
+    _gather_cols_kernel[(triton.cdiv(K, block), M)](x, x.stride(0), x.stride(1), perm, y, K, BLOCK=block,
+                                                    PDL=pdl)
     return y
 
 
@@ -440,10 +455,6 @@ def _repeat8(w):
     return tl.join(w, w)
 
 
-RUN_ASM2_BF16: tl.constexpr = tl.constexpr(run_asm(2, "bfloat16"))
-RUN_ASM4_BF16: tl.constexpr = tl.constexpr(run_asm(4, "bfloat16"))
-RUN_ASM2_F16: tl.constexpr = tl.constexpr(run_asm(2, "float16"))
-RUN_ASM4_F16: tl.constexpr = tl.constexpr(run_asm(4, "float16"))
 RUN_IO: tl.constexpr = tl.constexpr(RUN_CONSTRAINTS)
 
 
@@ -454,6 +465,7 @@ def _dot_kernel(
     BITS: tl.constexpr, PER: tl.constexpr, WORDS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, SPLIT: tl.constexpr, GROUPING: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, MAGIC: tl.constexpr, SWAP: tl.constexpr, GROUP_LOG: tl.constexpr,
+    PDL: tl.constexpr, RUN_ASM: tl.constexpr, RUN_ZERO: tl.constexpr,
 ):
     """A (BM, BN) tile of ``y`` over a K range, one ``tl.dot`` of (BM, BK) × (BK, BN) per K tile: program
     (n tile, k split, m tile). The tile's packed words are loaded once and spread over the ``PER`` codes
@@ -468,7 +480,11 @@ def _dot_kernel(
     code, :func:`_half_codes`, minus ``MAGIC | zero``): exact, no conversion unit, and Triton loads the
     runs straight into the registers ``tl.dot`` reads, where the broadcast path spreads every word over
     threads and goes through shared memory element by element. ``SWAP``: the weights are ``tl.dot``'s
-    left operand and ``y`` is accumulated transposed."""
+    left operand and ``y`` is accumulated transposed. ``PDL``: launched while the kernel that gathered
+    ``x`` (act-order) may still run; nothing is read before ``gdc_wait`` returns (that kernel done, its
+    writes visible), so only the launch and the program set-up overlap it."""
+    if PDL:
+        gdc_wait()
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     MAXQ: tl.constexpr = (1 << BITS) - 1
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -521,23 +537,11 @@ def _dot_kernel(
                 else:
                     prod = tl.dot(xt.to(tl.float32), tl.trans(d), input_precision="ieee")
             else:  # code − zero, exact in x's dtype, two codes per instruction (ptx.run_asm)
-                nz = (zu.to(tl.uint32) | (MAGIC | 0x8000)) * 0x10001  # −(2**e + zero) in both halves
+                nz = (zu.to(tl.uint32) | RUN_ZERO) * 0x10001  # −(2**e + zero) in both halves
                 runs = tl.reshape(_repeat8(vw), (BN, BK))  # each code's run (the same register)
                 zb = tl.broadcast_to(nz[:, None], (BN, BK))
-                if BITS == 2:
-                    if MAGIC == 0x4300:
-                        d = tl.inline_asm_elementwise(RUN_ASM2_BF16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
-                                                      is_pure=True, pack=8)
-                    else:
-                        d = tl.inline_asm_elementwise(RUN_ASM2_F16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
-                                                      is_pure=True, pack=8)
-                else:
-                    if MAGIC == 0x4300:
-                        d = tl.inline_asm_elementwise(RUN_ASM4_BF16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
-                                                      is_pure=True, pack=8)
-                    else:
-                        d = tl.inline_asm_elementwise(RUN_ASM4_F16, RUN_IO, [runs, zb], dtype=X.dtype.element_ty,
-                                                      is_pure=True, pack=8)
+                d = tl.inline_asm_elementwise(RUN_ASM, RUN_IO, [runs, zb], dtype=X.dtype.element_ty, is_pure=True,
+                                              pack=8)
                 if SWAP:
                     prod = tl.dot(d, tl.trans(xt))
                 else:
@@ -719,7 +723,9 @@ class Config:
     tile's ``x`` (gathered by ``perm`` under act-order) once per program and hands it out through
     shared memory instead of every thread reading every element; ``prefetch`` loads the next tile's
     words before multiplying the current one; ``pairs`` multiplies in bfloat16 pairs where it can
-    (bfloat16 ``x``, 2/3/4 bits, regular groups; else the float32 path runs, as with ``pairs=False``).
+    (bfloat16 ``x``, 2/3/4 bits, regular groups; else the float32 path runs, as with ``pairs=False``);
+    ``gather`` (act-order): ``x``'s columns are put in sorted order by :func:`gather_columns` ahead of the
+    launch, as the dot kernel's always are, instead of each tile reading ``x[perm[k]]``.
     dot only: ``swap`` makes the dequantized weights the left operand of ``tl.dot`` (``y`` accumulated
     transposed), where the 16-bit path runs (else ignored)."""
 
@@ -735,11 +741,13 @@ class Config:
     prefetch: bool = False
     pairs: bool = True
     swap: bool = False
+    gather: bool = False
 
     def name(self) -> str:
         split = f"s{self.split}" if self.split else f"w{self.warps_per_sm}"
         if self.kernel == "gemv":
             flags = ("+x" if self.xsplit else "") + ("+pf" if self.prefetch else "") + ("" if self.pairs else "-pairs")
+            flags += "+g" if self.gather else ""
             return f"gemv n{self.bn} k{self.bk} {split} x{self.num_warps}{flags}"
         swap = "+sw" if self.swap else ""
         return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{swap}"
@@ -793,6 +801,8 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
                 Config("gemv", bn=128, bk=64, num_warps=1, warps_per_sm=8, prefetch=True, xsplit=False)]
         if bits in PAIR_BITS:  # the float32 path the bfloat16 pairs replace (what float16 x runs)
             out.append(replace(out[0], pairs=False))
+        if act_order:  # x put in sorted order by its own kernel first (overlapped by PDL), then the plain GEMV
+            out += [replace(GEMV_CONFIGS[bits], gather=True), replace(GEMV_CONFIGS[bits], gather=True, warps_per_sm=32)]
         return list(dict.fromkeys(out))
     bm = min(max(16, triton.next_power_of_2(M)), 128)
     if bm <= 32:
@@ -854,6 +864,20 @@ def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.d
     if dtype != torch.bfloat16 or bits not in PAIR_BITS or grouping != int(TILE) or interpreted():
         return False
     return device.type == "cuda" and _device(device).capability >= ptx.MIN_CAPABILITY
+
+
+PDL_CAPABILITY = (9, 0)  # griddepcontrol (programmatic dependent launch): Hopper and newer
+
+
+def pdl_runs(device: torch.device) -> bool:
+    """Whether act-order's gather and dot kernels overlap by programmatic dependent launch on ``device``:
+    compiled, a GPU of compute capability 9.0 or newer, a Triton with grid dependency control, and not
+    switched off (``HARNESS_KERNEL_PDL=0``)."""
+    if interpreted() or device.type != "cuda" or gdc_wait is None:
+        return False
+    if os.environ.get("HARNESS_KERNEL_PDL", "1") in ("0", "false", "no"):
+        return False
+    return _device(device).capability >= PDL_CAPABILITY
 
 
 def magic_bits(dtype: torch.dtype, bits: int, grouping: int) -> int:
@@ -926,6 +950,7 @@ class _Plan:
     workspace: tuple[int, int]  # float32 words and counters of split-K scratch; (0, 0): none
     path: str
     gather_x: bool = False  # act-order on a tl.dot kernel: x's columns are put in sorted order once per call
+    pdl: bool = False  # gather_x with programmatic dependent launch: the dot kernel starts while the gather runs
 
 
 def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
@@ -941,15 +966,20 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty programs
     pairs = cfg.kernel == "gemv" and cfg.pairs and pair_path_runs(dtype, rt.bits, grouping, device)
+    # act-order: x's columns put in sorted order by gather_columns before the launch (dot; GEMV with cfg.gather),
+    # else the GEMV reads x[perm[k]] as it goes
+    gather_x = rt.perm is not None and (cfg.kernel == "dot" or cfg.gather)
+    pdl = gather_x and pdl_runs(device)
     fixed = dict(
         QW=rt.qweight, S=rt.scales, Z=rt.zeros, GIDX=rt.g_sorted, N=N, K=K, group_size=rt.group_size or K,
         tiles_per_split=tiles_per_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **constexprs(cfg, rt.bits, split=split > 1, grouping=grouping, has_bias=has_bias, even_k=K % cfg.bk == 0,
-                     even_n=N % cfg.bn == 0, has_perm=rt.perm is not None, pairs=pairs,
+                     even_n=N % cfg.bn == 0, has_perm=rt.perm is not None and not gather_x, pairs=pairs,
                      group_size=rt.group_size, dot_f32=interpreted() or dtype == torch.float32,
-                     magic=magic_bits(dtype, rt.bits, grouping)),
+                     magic=magic_bits(dtype, rt.bits, grouping), pdl=pdl),
     )
-    gather_x = False  # act-order on the dot kernel: x's columns put in sorted order before the launch
+    if pdl:
+        fixed["launch_pdl"] = True
     path = PATHS["gemv-pairs" if pairs else cfg.kernel]
     if cfg.kernel == "dot" and fixed["MAGIC"]:
         path = PATHS["dot-magic"]
@@ -958,14 +988,14 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
         fixed.update(PERM=rt.perm if rt.perm is not None else rt.g_sorted, magic=int(MAGIC))
     else:
         kernel = _dot_kernel
-        gather_x = rt.perm is not None
         fixed.update(M=M)
     return _Plan(kernel, (n_tiles, split, m_tiles), fixed, (M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
-                 path + ("-interpreted" if interpreted() else ""), gather_x)
+                 path + ("-interpreted" if interpreted() else ""), gather_x, pdl)
 
 
 def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: bool, even_k: bool, even_n: bool,
-               has_perm: bool, pairs: bool, group_size: int | None, dot_f32: bool, magic: int = 0) -> dict:
+               has_perm: bool, pairs: bool, group_size: int | None, dot_f32: bool, magic: int = 0,
+               pdl: bool = False) -> dict:
     """The compile-time arguments of ``cfg``'s kernel (what Triton specialises on), from the launch's
     facts; :func:`_plan` adds the tensors and runtime sizes. One place, so that an ahead-of-time build
     compiles exactly what a launch runs."""
@@ -976,9 +1006,11 @@ def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: 
         out.update(HAS_PERM=has_perm, HIGH=HIGH, BB=cfg.bk // per,
                    XSPLIT=cfg.xsplit and cfg.bk >= 32 * cfg.num_warps,  # each thread gathers whole elements
                    LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, PAIRS=pairs,
-                   GROUP_LOG=_group_log(group_size, cfg.bk), **pair_consts(bits))
+                   GROUP_LOG=_group_log(group_size, cfg.bk), PDL=pdl, **pair_consts(bits))
     elif cfg.kernel == "dot":
-        out.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=dot_f32, MAGIC=magic, SWAP=cfg.swap and magic != 0,
+        run = RUN_DTYPES.get(magic)  # the 16-bit path's PTX (ptx.run_asm) and its −2**e, where it runs
+        out.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=dot_f32, MAGIC=magic, SWAP=cfg.swap and magic != 0, PDL=pdl,
+                   RUN_ASM=run_asm(bits, run) if run else "", RUN_ZERO=ptx.run_zero(run) if run else 0,
                    GROUP_LOG=_group_log(group_size, cfg.bk))
     else:
         raise ValueError(f"unknown kernel {cfg.kernel!r} (gemv or dot)")
@@ -1096,7 +1128,7 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
         if final:  # config None: the tuned plan, looked up directly from now on
             rt.plans[key] = rt.plans[(M, x.dtype, x.device, bias is not None, cfg)] = plan
     if plan.gather_x:
-        x = gather_columns(x, rt.perm)
+        x = gather_columns(x, rt.perm, plan.pdl)
     if plan.workspace[0]:
         ws, cnt = workspace(x.device, *plan.workspace)
     else:
