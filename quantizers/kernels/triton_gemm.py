@@ -12,10 +12,13 @@ stays the export format):
 * act-order: ``perm = argsort(g_idx, stable)``; the code rows are repacked in that order and the kernels
   read ``x[:, perm[k]]`` instead of ``x[:, k]``: the same sum, but every group is a contiguous run of
   ``k``, so a tile needs one scale and one zero per column instead of one per element. The GEMV gathers
-  its one row as it goes; for the dot kernel ``x``'s columns are put in that order once per call by a
-  small kernel (:func:`gather_columns`: 1.6–2.2 µs at M ≤ 16 on an H200, against 4.5–5.1 for
-  ``index_select``), so its tiles read contiguous rows as without act-order (gathering inside the dot
-  kernel, even a tile ahead, measured 2–10× slower: scattered 2-byte loads do not pipeline).
+  its one row as it goes (or reads it gathered ahead, ``Config.gather``: the 2-bit default); for the dot
+  kernel ``x``'s columns are put in that order once per call by a small kernel (:func:`gather_columns`:
+  1.6–2.2 µs at M ≤ 16 on an H200, against 4.5–5.1 for ``index_select``), so its tiles read contiguous
+  rows as without act-order (gathering inside the dot kernel, even a tile ahead, measured 2–10× slower:
+  scattered 2-byte loads do not pipeline). On sm_90 and newer the product is launched with programmatic
+  dependent launch (:func:`pdl_runs`): the gather lets it start as its programs finish, and it waits
+  (``gdc_wait``) before reading anything, so its launch overlaps the gather's end.
 * ``scales`` (G, out) float16: the module's buffer. ``zeros`` (G, out) uint8, unpacked once (v1's
   ``zero − 1`` convention undone).
 
@@ -769,6 +772,8 @@ def default_config(M: int, bits: int, act_order: bool = False) -> Config:
     act-order the 4-bit GEMV reads the tile's gathered ``x`` once per program (``xsplit``): 11.4 µs
     against 13.8 per thread at 4096×11008 on an H200, where without act-order per thread is faster."""
     if M <= GEMV_MAX_M:
+        if act_order and bits == 2:  # x gathered ahead (PDL): 9.6–9.7 µs against 10.0–10.2 per tile (4096×11008)
+            return replace(GEMV_CONFIGS[bits], gather=True)
         return replace(GEMV_CONFIGS[bits], xsplit=True) if act_order and bits == 4 else GEMV_CONFIGS[bits]
     if M <= 16:  # the 16-bit dequantization (2, 4 bits): 32 columns of weights as the left operand, 2 warps
         if bits in DQ16_BITS:
