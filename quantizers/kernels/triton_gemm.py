@@ -166,16 +166,6 @@ def _load(ptrs, mask, UNMASKED: tl.constexpr, STREAM: tl.constexpr):
     return w.to(tl.uint32, bitcast=True)
 
 
-PREFETCH_L2_ASM: tl.constexpr = tl.constexpr("prefetch.global.L2 [$1];\nmov.u32 $0, 0;")
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines at ``ptrs`` (every address in the tensor; a hint: no register is loaded and
-    nothing waits for it)."""
-    tl.inline_asm_elementwise(PREFETCH_L2_ASM, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _select_code(w0, w1, w2, hw0, hw1, hw2, magic, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.constexpr):
     """Code ``j`` of each block (see :func:`_code`) from the block's words."""
@@ -294,6 +284,8 @@ def _gemv_kernel(
     subtraction, one FMA (:func:`_code`). The scale once per block. ``GROUPING`` TILE or ELEMENT (the
     float32 path only). ``PDL``: launched while the kernel that gathered ``x`` may still run (as in
     :func:`_dot_kernel`)."""
+    if PDL:
+        gdc_wait()
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BK: tl.constexpr = BB * PER  # codes of k per tile
     offs_n = pid_n * BN + tl.arange(0, BN)  # (BN,)
@@ -303,13 +295,6 @@ def _gemv_kernel(
     t0 = pid_k * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BK))
     acc = tl.zeros((BB, BN), dtype=tl.float32)
-    if PDL:  # x is gathered by the kernel launched before: wait for it, the first two tiles' words asked of L2
-        if PDL == 2 and EVEN_K and EVEN_N:
-            for i in tl.static_range(2):
-                rows = (tl.minimum(t0 + i, t1 - 1) * BB + offs_b) * WORDS
-                for w in tl.static_range(WORDS):
-                    _prefetch_l2(QW + (rows + w)[:, None] * N + offs_n[None, :])
-        gdc_wait()
     if PREFETCH:  # registers hold the next tile's words while this one is computed
         wn0, wn1, wn2 = _load_words(QW, t0, offs_b, offs_n, n_ok, N, K, BB, PER, WORDS, EVEN_K and EVEN_N, True)
     for t in range(t0, t1):
@@ -500,8 +485,9 @@ def _dot_kernel(
     threads and goes through shared memory element by element. ``SWAP``: the weights are ``tl.dot``'s
     left operand and ``y`` is accumulated transposed. ``PDL``: launched while the kernel that gathered
     ``x`` (act-order) may still run; nothing is read before ``gdc_wait`` returns (that kernel done, its
-    writes visible), so only the launch, the program set-up and (``PDL`` 2) asking L2 for the first
-    tiles' weights overlap it."""
+    writes visible), so only the launch and the program set-up overlap it."""
+    if PDL:
+        gdc_wait()
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     MAXQ: tl.constexpr = (1 << BITS) - 1
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -523,15 +509,6 @@ def _dot_kernel(
         else:  # 4 bits: a run is a word
             wa_base = QW + run[None, :] * N + offs_n[:, None]
         x_base = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    if PDL:  # x is gathered by the kernel launched before: wait for it (nothing read so far)
-        if PDL == 2 and MAGIC and EVEN_K and EVEN_N:  # meanwhile the first two tiles' weights asked of L2
-            for i in tl.static_range(2):
-                step0 = (tl.minimum(t0 + i, t1 - 1) * (BK * BITS // 32)) * N
-                if BITS == 2:
-                    _prefetch_l2(wa_base + 2 * step0)
-                else:
-                    _prefetch_l2(wa_base + step0)
-        gdc_wait()
     for t in range(t0, t1):
         k = t * BK + offs_k  # (BK,) sorted k
         k_ok = k < K
@@ -895,7 +872,6 @@ def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.d
 
 
 PDL_CAPABILITY = (9, 0)  # griddepcontrol (programmatic dependent launch): Hopper and newer
-PDL_PREFETCH = True  # while it waits for the gather, the product asks L2 for its first tiles' weights
 
 
 def pdl_runs(device: torch.device) -> bool:
@@ -1022,11 +998,6 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
                  path + ("-interpreted" if interpreted() else ""), gather_x, pdl)
 
 
-def _pdl_mode(pdl: bool) -> int:
-    """The kernels' ``PDL``: 0 plain launch; 1 wait for the kernel before; 2 and ask L2 for weights meanwhile."""
-    return (2 if PDL_PREFETCH else 1) if pdl else 0
-
-
 def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: bool, even_k: bool, even_n: bool,
                has_perm: bool, pairs: bool, group_size: int | None, dot_f32: bool, magic: int = 0,
                pdl: bool = False) -> dict:
@@ -1040,10 +1011,10 @@ def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: 
         out.update(HAS_PERM=has_perm, HIGH=HIGH, BB=cfg.bk // per,
                    XSPLIT=cfg.xsplit and cfg.bk >= 32 * cfg.num_warps,  # each thread gathers whole elements
                    LOG_PER=per.bit_length() - 1, PREFETCH=cfg.prefetch, PAIRS=pairs,
-                   GROUP_LOG=_group_log(group_size, cfg.bk), PDL=_pdl_mode(pdl), **pair_consts(bits))
+                   GROUP_LOG=_group_log(group_size, cfg.bk), PDL=pdl, **pair_consts(bits))
     elif cfg.kernel == "dot":
         run = RUN_DTYPES.get(magic)  # the 16-bit path's PTX (ptx.run_asm) and its −2**e, where it runs
-        out.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=dot_f32, MAGIC=magic, SWAP=cfg.swap and magic != 0, PDL=_pdl_mode(pdl),
+        out.update(BM=cfg.bm, BK=cfg.bk, DOT_F32=dot_f32, MAGIC=magic, SWAP=cfg.swap and magic != 0, PDL=pdl,
                    RUN_ASM=run_asm(bits, run) if run else "", RUN_ZERO=ptx.run_zero(run) if run else 0,
                    GROUP_LOG=_group_log(group_size, cfg.bk))
     else:
