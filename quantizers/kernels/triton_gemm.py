@@ -81,14 +81,14 @@ import triton
 import triton.language as tl
 
 from quantizers.kernels import l2_copies, ptx
+from quantizers.kernels.ptx import PAIR_BITS, RUN_CONSTRAINTS, pair_asm, pair_constraints, run_asm
+from quantizers.pack import unpack_rows
+from quantizers.qlinear import Backend, QuantLinear, register_backend
 
 try:  # grid dependency control (programmatic dependent launch, sm_90+): Triton 3.3 and newer
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - older Triton: act-order's two launches simply run one after the other
     gdc_launch_dependents = gdc_wait = None
-from quantizers.kernels.ptx import PAIR_BITS, RUN_CONSTRAINTS, pair_asm, pair_constraints, run_asm
-from quantizers.pack import unpack_rows
-from quantizers.qlinear import Backend, QuantLinear, register_backend
 
 BLOCKS = {2: (16, 1), 3: (32, 3), 4: (8, 1), 8: (4, 1)}  # bits → (codes, int32 words) of one packed block
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC | q) reads as 2**23 + q
@@ -770,7 +770,8 @@ GEMV_CONFIGS = {
 def default_config(M: int, bits: int, act_order: bool = False) -> Config:
     """The hand-picked table: GEMV up to ``GEMV_MAX_M`` rows, else dot tiles sized by ``M``. Under
     act-order the 4-bit GEMV reads the tile's gathered ``x`` once per program (``xsplit``): 11.4 µs
-    against 13.8 per thread at 4096×11008 on an H200, where without act-order per thread is faster."""
+    against 13.8 per thread at 4096×11008 on an H200, where without act-order per thread is faster; the
+    2-bit GEMV reads ``x`` gathered ahead by its own kernel (``gather``)."""
     if M <= GEMV_MAX_M:
         if act_order and bits == 2:  # x gathered ahead (PDL): 9.6–9.7 µs against 10.0–10.2 per tile (4096×11008)
             return replace(GEMV_CONFIGS[bits], gather=True)
@@ -954,8 +955,8 @@ class _Plan:
     fixed: dict
     workspace: tuple[int, int]  # float32 words and counters of split-K scratch; (0, 0): none
     path: str
-    gather_x: bool = False  # act-order on a tl.dot kernel: x's columns are put in sorted order once per call
-    pdl: bool = False  # gather_x with programmatic dependent launch: the dot kernel starts while the gather runs
+    gather_x: bool = False  # act-order (dot kernel, or GEMV with Config.gather): x's columns sorted once per call
+    pdl: bool = False  # gather_x with programmatic dependent launch: the product starts while the gather ends
 
 
 def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
