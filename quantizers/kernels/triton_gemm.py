@@ -96,9 +96,11 @@ HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there 
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
          "dot-magic": "triton-dot-dq16"}
-MAGIC16 = {torch.bfloat16: 0x4300, torch.float16: 0x6400}  # bits of 2**7 and 2**10: MAGIC16 | code = 2**e + code
+RUN_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}  # the names ptx.run_asm takes
+# bits of 2**7 (bfloat16) and 2**10 (float16), whose ulp is 1: MAGIC16 | code = 2**e + code
+MAGIC16 = {dtype: ptx.RUN_FLOATS[name][0] for dtype, name in RUN_DTYPE_NAMES.items()}
 DQ16_BITS = (2, 4)  # where the dot kernel dequantizes into x's 16-bit dtype (magic_bits)
-RUN_DTYPES = {0x4300: "bfloat16", 0x6400: "float16"}  # MAGIC16 → the dtype ptx.run_asm is written for
+RUN_DTYPES = {MAGIC16[dtype]: name for dtype, name in RUN_DTYPE_NAMES.items()}  # MAGIC16 → ptx.run_asm's dtype
 
 
 def interpreted() -> bool:
@@ -149,6 +151,17 @@ def _load_words(QW, t, offs_b, offs_n, n_ok, N, K, BB: tl.constexpr, PER: tl.con
         w1 = _load(ptrs + N, mask, UNMASKED, STREAM)
         w2 = _load(ptrs + 2 * N, mask, UNMASKED, STREAM)
     return w0, w1, w2
+
+
+@triton.jit
+def _group(t, BK: tl.constexpr, group_size, GROUP_LOG: tl.constexpr):
+    """The group of K tile ``t`` (the tile lies in one group): a shift where a group is ``2**GROUP_LOG`` tiles
+    (:func:`_group_log`), else a division."""
+    if GROUP_LOG >= 0:
+        g = t >> GROUP_LOG
+    else:
+        g = (t * BK) // group_size
+    return g
 
 
 @triton.jit
@@ -309,10 +322,7 @@ def _gemv_kernel(
             hw1 = w1 >> HIGH
             hw2 = w2 >> HIGH
         if GROUPING == TILE:  # one scale and zero per column
-            if GROUP_LOG >= 0:  # group_size = BK · 2**GROUP_LOG: a shift, not a division
-                g = t >> GROUP_LOG
-            else:
-                g = (t * BK) // group_size
+            g = _group(t, BK, group_size, GROUP_LOG)
             sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
             if PAIRS:  # the zero as ptx.zero_pair packs it
                 zu = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.uint32)
@@ -525,10 +535,7 @@ def _dot_kernel(
                 vw = _load(wa_base + step, runs_ok, EVEN_K and EVEN_N, True)
             xt = tl.load(x_base + (t * BK) * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             DT: tl.constexpr = X.dtype.element_ty
-            if GROUP_LOG >= 0:  # group_size = BK · 2**GROUP_LOG: a shift, not a division
-                g = t >> GROUP_LOG
-            else:
-                g = (t * BK) // group_size
+            g = _group(t, BK, group_size, GROUP_LOG)
             sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
             zu = tl.load(Z + g * N + offs_n, mask=n_ok, other=0)
             if DOT_F32:  # the interpreter (no inline PTX; its 16-bit float arithmetic works on the raw bits)
@@ -593,10 +600,7 @@ def _dot_kernel(
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             q = (c & MAXQ).to(tl.float32)  # (BK, BN) codes
             if GROUPING == TILE:
-                if GROUP_LOG >= 0:
-                    g = t >> GROUP_LOG
-                else:
-                    g = (t * BK) // group_size
+                g = _group(t, BK, group_size, GROUP_LOG)
                 sc = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # (BN,)
                 zf = tl.load(Z + g * N + offs_n, mask=n_ok, other=0).to(tl.float32)
                 d = q - zf[None, :]  # code − zero: an integer, exact in 16 bits
