@@ -35,7 +35,7 @@ LAYOUTS = {  # group_size, act-order, irregular groups
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
-         "dot-magic": "triton-dot-dq16"}
+         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv"}
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # relative, to the float32 product
 # (name, config fields, rows of x): the defaults by M and the dot kernel (every case), then tiles that exercise
 # the other code paths (one per case, in turn): dot without split-K, x read per element, prefetch on two rows,
@@ -149,7 +149,24 @@ def interpreted_results(out: str) -> None:
     results["tuned"] = tg.tuned_config(x, rt).name() == default.name()
     results["tuning"] = tg.tuning_enabled()
     results["pairs_interpreted"] = tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), torch.device("cpu"))
+    results["cuda_refusals"] = {}  # the CUDA GEMV asked for where it cannot run: one clear error, nothing launched
+    for label, (bits, layout, M, dtype) in CUDA_REFUSALS.items():
+        rt = tg.runtime_of(module_of(layout_result(bits, layout, seed=1), None, dtype))
+        try:
+            tg.matmul(torch.randn(M, K).to(dtype), rt, None, tg.Config("cuda", bn=32, bk=32, num_warps=4, split=1))
+            results["cuda_refusals"][label] = None
+        except ValueError as exc:
+            results["cuda_refusals"][label] = str(exc)
     torch.save(results, out)
+
+
+CUDA_REFUSALS = {  # bits, layout, rows, dtype → what the error names
+    "3 bits": (3, "g32", 1, torch.bfloat16),
+    "float32": (4, "g32", 1, torch.float32),
+    "9 rows": (4, "g32", 9, torch.bfloat16),
+    "groups": (4, "irregular-act", 1, torch.bfloat16),
+    "cpu": (4, "channel", 1, torch.bfloat16),
+}
 
 
 RAGGED = [(2, torch.bfloat16), (4, torch.bfloat16), (2, torch.float16), (4, torch.float16)]
@@ -208,10 +225,15 @@ def compiled_results(out: str) -> None:
         rt = tg.runtime_of(m)
         y = tg.matmul(x.cuda(), rt, None)  # the tuned config
         results[name] = {"y": y.cpu(), "path": rt.path, "tuned": tg.tuned_config(x.cuda(), rt).name()}
+        results[name]["skipped"] = {}
         for cfg in tg.candidates(M, bits, act):  # every candidate tuning may pick, each checked on its own
-            results[name][cfg.name()] = tg.matmul(x.cuda(), rt, None, cfg).cpu()
+            try:
+                results[name][cfg.name()] = tg.matmul(x.cuda(), rt, None, cfg).cpu()
+            except ValueError as exc:  # the CUDA GEMV where the shape does not fit it (tuning skips it too)
+                results[name]["skipped"][cfg.name()] = str(exc)
     results["model"] = tiny_model_logits("cuda", torch.float16)
     results["pdl"] = pdl_results()
+    results["cuda"] = cuda_gemv_results()
     dev = torch.device("cuda")
     gate = {"bf16-4": tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), dev),
             "fp16-4": tg.pair_path_runs(torch.float16, 4, int(tg.TILE), dev),
@@ -246,6 +268,36 @@ def pdl_results() -> dict:
             out[(M, flag)] = {"y": y.cpu(), "pdl": plan.pdl, "launch_pdl": plan.fixed.get("launch_pdl", False),
                               "gather": plan.gather_x}
         os.environ.pop("HARNESS_KERNEL_PDL")
+    return out
+
+
+CUDA_RUNS = [  # (bits, K, N, group size, act-order), rows, dtype, bias, config fields
+    ((4, 768, 4112, 256, False), 1, torch.bfloat16, False, dict(bn=32, bk=64, num_warps=8, num_stages=3, split=1)),
+    ((4, 768, 4112, 256, False), 3, torch.float16, True, dict(bn=64, bk=32, num_warps=4, num_stages=2, split=0)),
+    ((4, 2048, 200, 64, True), 8, torch.bfloat16, True, dict(bn=128, bk=64, num_warps=4, num_stages=2, split=3)),
+    ((4, 4096, 4096, None, False), 1, torch.float16, False, dict(bn=32, bk=128, num_warps=16, num_stages=2, split=1)),
+    ((2, 1024, 208, 128, False), 1, torch.bfloat16, True, dict(bn=32, bk=128, num_warps=8, num_stages=3, split=1)),
+    ((2, 1024, 208, 128, True), 5, torch.float16, False, dict(bn=64, bk=64, num_warps=2, num_stages=4, split=0)),
+    ((2, 4096, 11008, 128, False), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=32, num_stages=2, split=1)),
+    ((2, 2048, 512, 2048, False), 2, torch.bfloat16, True, dict(bn=128, bk=128, num_warps=8, num_stages=2, split=2)),
+]
+
+
+def cuda_gemv_results() -> dict:
+    """The CUDA GEMV through ``matmul`` with explicit ``cuda`` configs: rows 1–8, both 16-bit dtypes, bias,
+    column tiles that N does not fill, K split over blocks or not, act-order (x gathered first)."""
+    from quantizers.kernels import triton_gemm as tg
+
+    out = {}
+    for i, ((bits, K_, N_, gs, act), M, dtype, bias, fields) in enumerate(CUDA_RUNS):
+        res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
+        b = torch.randn(N_, generator=torch.Generator().manual_seed(i)).to(dtype) if bias else None
+        m = module_of(res, b, dtype).cuda()
+        rt = tg.runtime_of(m)
+        cfg = tg.Config("cuda", **fields)
+        y1 = tg.matmul(x.cuda(), rt, m.bias, cfg)
+        y2 = tg.matmul(x.cuda(), rt, m.bias, cfg)
+        out[i] = {"y": y1.cpu(), "again": y2.cpu(), "path": rt.path}
     return out
 
 
@@ -324,10 +376,19 @@ def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(
         M, _, _ = key
         assert names[0] == interpreted["defaults"][key] and len(names) == len(set(names)) >= 4, (key, names)
         kinds = {n.split()[0] for n in names}
-        assert kinds == ({"gemv"} if M == 1 else {"dot"}), (key, names)
+        _, bits, _ = key
+        assert kinds == ({"gemv", "cuda"} if M == 1 and bits in (2, 4) else {"gemv"} if M == 1 else {"dot"}), names
     # interpreted, nothing is timed: a product without a config runs the hand-picked default
     assert interpreted["tuning"] is False and interpreted["tuned"] is True
     assert interpreted["pairs_interpreted"] is False  # inline PTX does not run interpreted
+
+
+def test_cuda_gemv_refuses_what_it_cannot_run_with_one_clear_error(interpreted):
+    expect = {"3 bits": "3 bits", "float32": "torch.float32", "9 rows": "9 rows", "groups": "groups", "cpu": "cpu"}
+    assert set(interpreted["cuda_refusals"]) == set(expect)
+    for label, msg in interpreted["cuda_refusals"].items():
+        assert msg and msg.startswith("config 'cuda n32 k32 s1 x4/1': the CUDA GEMV does not take"), (label, msg)
+        assert expect[label] in msg, (label, msg)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -463,11 +524,15 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     assert compiled[name]["path"] in PATHS.values(), compiled[name]["path"]
     if M > 1:  # the dot kernel: dequantizing into x's 16-bit dtype at 2 and 4 bits (groups of 128: one per tile)
         assert compiled[name]["path"] == PATHS["dot-magic" if bits in (2, 4) else "dot"], compiled[name]["path"]
-    if M == 1 and dtype == torch.bfloat16 and bits in (2, 4):  # the pairs unless tuning picked the float32 path
-        pairs = not compiled[name]["tuned"].endswith("-pairs")
-        assert compiled[name]["path"] == PATHS["gemv-pairs" if pairs else "gemv"]
-    others = {k: v for k, v in compiled[name].items() if k not in ("y", "path", "tuned")}
-    assert compiled[name]["tuned"] in others and len(others) >= 4
+    tuned = compiled[name]["tuned"]
+    if M == 1 and dtype == torch.bfloat16 and bits in (2, 4):  # the pairs unless tuning picked another path
+        kind = "cuda" if tuned.startswith("cuda") else "gemv" if tuned.endswith("-pairs") else "gemv-pairs"
+        assert compiled[name]["path"] == PATHS[kind]
+    skipped = compiled[name]["skipped"]  # only the CUDA GEMV, only where the shape does not fit it
+    assert all(k.startswith("cuda") and "does not take" in v for k, v in skipped.items()), skipped
+    assert bool(skipped) == (bits in (2, 4) and M == 1 and K_ % 128 != 0), skipped
+    others = {k: v for k, v in compiled[name].items() if k not in ("y", "path", "tuned", "skipped")}
+    assert tuned in others and len(others) >= 4
     for label, y_cfg in others.items():
         assert y_cfg.dtype == dtype and rel_err(y_cfg, ref) < TOL[dtype], label
 
@@ -498,3 +563,19 @@ def test_compiled_tiny_model_logits_agree_across_backends(compiled):
     for torch_logits, triton_logits in zip(out["torch"], out["triton"], strict=True):
         assert rel_err(triton_logits, torch_logits) < 1e-2  # float16 model: float32 sums against cuBLAS's
     assert sum(out["paths-triton"].values()) == 7 and set(out["paths-triton"]) <= set(PATHS.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(len(CUDA_RUNS)))
+def test_cuda_gemv_matches_dequantize_then_matmul(compiled, i):
+    (bits, K_, N_, gs, act), M, dtype, bias, fields = CUDA_RUNS[i]
+    res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
+    b = torch.randn(N_, generator=torch.Generator().manual_seed(i)).to(dtype) if bias else None
+    run = compiled["cuda"][i]
+    assert run["path"] == PATHS["cuda"] and run["y"].dtype == dtype and run["y"].shape == (M, N_)
+    ref = reference(res, x, b)
+    assert rel_err(run["y"], ref) < TOL[torch.bfloat16]  # bfloat16-pair sums even for float16 x (float16 pairs)
+    if fields["split"] == 1:  # one block per column tile: the same sums in the same order
+        assert torch.equal(run["y"], run["again"])
+    else:
+        assert rel_err(run["again"], run["y"].float()) < 1e-3

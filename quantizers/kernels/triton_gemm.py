@@ -47,6 +47,12 @@ dtype.
   float32) on (blocks, columns) tiles of packed words, the tile's ``x`` (gathered under act-order) read
   by every thread or once per program and regrouped (``xsplit``); split-K over enough programs to fill
   the GPU.
+* ``cuda`` (one row, a tuning candidate, :mod:`quantizers.kernels.cuda`): the CUDA C++ GEMV of
+  ``gemv.cu``, compiled at run time by NVRTC, at 2 and 4 bits with 16-bit ``x`` and regular groups. A
+  block of many warps covers 32 columns and splits its K range between its warps, which add up in
+  shared memory (no split-K atomics); ``x`` waits in shared memory, the words, scales and zeros of the
+  next steps in registers. Faster than ``gemv`` where one block per SM covers the GPU (4096×4096 on an
+  H200), slower elsewhere; tuning decides.
 * ``dot`` (larger ``M``): one ``tl.dot`` (tensor cores) of (BM, BK) contiguous ``x`` with the dequantized
   (BK, BN) tile per K tile, optional split-K. At 2 and 4 bits with 16-bit ``x`` (``triton-dot-dq16``) each
   thread dequantizes runs of 8 codes it loaded itself straight into ``x``'s dtype, two codes per
@@ -80,7 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantizers.kernels import l2_copies, ptx
+from quantizers.kernels import cuda, l2_copies, ptx
 from quantizers.kernels.ptx import PAIR_BITS, RUN_CONSTRAINTS, pair_asm, pair_constraints, run_asm
 from quantizers.pack import unpack_rows
 from quantizers.qlinear import Backend, QuantLinear, register_backend
@@ -95,7 +101,7 @@ MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC 
 HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there (a kernel constexpr)
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
-         "dot-magic": "triton-dot-dq16"}
+         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv"}
 RUN_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}  # the names ptx.run_asm takes
 # bits of 2**7 (bfloat16) and 2**10 (float16), whose ulp is 1: MAGIC16 | code = 2**e + code
 MAGIC16 = {dtype: ptx.RUN_FLOATS[name][0] for dtype, name in RUN_DTYPE_NAMES.items()}
@@ -734,7 +740,10 @@ class Config:
     ``gather`` (act-order): ``x``'s columns are put in sorted order by :func:`gather_columns` ahead of the
     launch, as the dot kernel's always are, instead of each tile reading ``x[perm[k]]``.
     dot only: ``swap`` makes the dequantized weights the left operand of ``tl.dot`` (``y`` accumulated
-    transposed), where the 16-bit path runs (else ignored)."""
+    transposed), where the 16-bit path runs (else ignored).
+    cuda (:func:`cuda_config`): ``bn`` columns a block (32 × columns a thread), ``bk`` codes of ``k`` a
+    step, ``num_warps`` warps a block, ``num_stages`` steps in flight, ``split`` K splits (0: enough blocks
+    to give every SM ``warps_per_sm`` warps)."""
 
     kernel: str = "gemv"
     bn: int = 128
@@ -756,6 +765,8 @@ class Config:
             flags = ("+x" if self.xsplit else "") + ("+pf" if self.prefetch else "") + ("" if self.pairs else "-pairs")
             flags += "+g" if self.gather else ""
             return f"gemv n{self.bn} k{self.bk} {split} x{self.num_warps}{flags}"
+        if self.kernel == "cuda":
+            return f"cuda n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}"
         swap = "+sw" if self.swap else ""
         return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{swap}"
 
@@ -769,6 +780,23 @@ GEMV_CONFIGS = {
     4: Config("gemv", bn=128, bk=64, num_warps=1, xsplit=False),
     8: Config("gemv", bn=128, bk=64, num_warps=1),
 }
+
+
+# The CUDA GEMV's candidates: the fastest few of 40 shapes on an H200 at the three LLaMA-7B shapes, 2 and 4 bits
+# (sweeps/measurements/LOG.md): one block of 8 to 32 warps per 32 columns, no K split across blocks.
+CUDA_CONFIGS = [Config("cuda", bn=32, bk=128, num_warps=16, num_stages=2, split=1),
+                Config("cuda", bn=32, bk=128, num_warps=16, num_stages=3, split=1),
+                Config("cuda", bn=32, bk=64, num_warps=32, num_stages=3, split=1),
+                Config("cuda", bn=32, bk=128, num_warps=32, num_stages=2, split=1),
+                Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2, split=1),
+                Config("cuda", bn=32, bk=128, num_warps=8, num_stages=3, split=1)]
+
+
+def cuda_config(cfg: Config, bits: int) -> cuda.GemvConfig:
+    """The :class:`cuda.GemvConfig` of a ``cuda`` config at ``bits``."""
+    per = cuda.CODES[bits] if bits in cuda.CODES else 1
+    return cuda.GemvConfig(c=max(1, cfg.bn // 32), w=cfg.num_warps, u=max(1, cfg.bk // per), depth=cfg.num_stages,
+                           split=cfg.split, blocks_per_sm=max(1, cfg.warps_per_sm // cfg.num_warps))
 
 
 def default_config(M: int, bits: int, act_order: bool = False) -> Config:
@@ -813,6 +841,8 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
             out.append(replace(out[0], pairs=False))
         if act_order:  # x put in sorted order by its own kernel first (overlapped by PDL), then the plain GEMV
             out += [replace(GEMV_CONFIGS[bits], gather=True), replace(GEMV_CONFIGS[bits], gather=True, warps_per_sm=32)]
+        if bits in cuda.BITS:  # the CUDA GEMV (where it can run: tuning skips it elsewhere)
+            out += CUDA_CONFIGS
         return list(dict.fromkeys(out))
     bm = min(max(16, triton.next_power_of_2(M)), 128)
     if bm <= 32:
@@ -919,7 +949,10 @@ def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Te
 def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
     """``cfg`` with ``bk`` adjusted to the layout and the groups, and the kernels' ``GROUPING``: TILE
     (0) when a tile lies in one group, else ELEMENT (2). ``bk`` shrinks until a tile fits in a group
-    (down to the packed block, and to 16 codes for dot: ``tl.dot`` takes K ≥ 16)."""
+    (down to the packed block, and to 16 codes for dot: ``tl.dot`` takes K ≥ 16). ``cuda`` configs are
+    taken as they are (:func:`cuda.supports` says where they fit)."""
+    if cfg.kernel == "cuda":
+        return cfg, int(TILE)
     per = BLOCKS[rt.bits][0]
     floor = max(per, 16) if cfg.kernel == "dot" else per
     bk = max(cfg.bk, floor)
@@ -961,10 +994,19 @@ class _Plan:
     path: str
     gather_x: bool = False  # act-order (dot kernel, or GEMV with Config.gather): x's columns sorted once per call
     pdl: bool = False  # gather_x with programmatic dependent launch: the product starts while the gather ends
+    cuda: cuda.GemvConfig | None = None  # the CUDA GEMV runs this product (kernel, grid and fixed unused)
 
 
 def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
           config: Config | None) -> _Plan:
+    if config is not None and config.kernel == "cuda":
+        gcfg = cuda_config(config, rt.bits)
+        why = cuda.supports(rt, M, dtype, gcfg)
+        if why is None and not cuda.available(device):
+            why = f"{device} (a CUDA GPU of compute capability 8.0+ with NVRTC, HARNESS_KERNEL_CUDA not 0)"
+        if why is not None:
+            raise ValueError(f"config {config.name()!r}: the CUDA GEMV does not take {why}")
+        return _Plan(None, (), {}, (0, 0), PATHS["cuda"], rt.perm is not None, False, gcfg)
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
     n_tiles = triton.cdiv(N, cfg.bn)
@@ -1139,6 +1181,10 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
             rt.plans[key] = rt.plans[(M, x.dtype, x.device, bias is not None, cfg)] = plan
     if plan.gather_x:
         x = gather_columns(x, rt.perm, plan.pdl)
+    if plan.cuda is not None:
+        cuda.gemv(x, rt, bias, plan.cuda, y, lambda numel, counters: workspace(x.device, numel, counters))
+        rt.path = plan.path
+        return y
     if plan.workspace[0]:
         ws, cnt = workspace(x.device, *plan.workspace)
     else:

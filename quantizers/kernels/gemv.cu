@@ -1,0 +1,339 @@
+// Packed-weight GEMV for up to a few rows of x: CUDA C++, compiled at run time by NVRTC
+// (quantizers/kernels/cuda.py) with the settings below as -D macros (GV_BITS, GV_C, …). No headers: 16-bit floats are
+// handled as bits through inline PTX.
+//
+// y (ROWS, N) = x (ROWS, K) · W, W (K, N) given as GPTQ-packed codes in sorted-group order:
+//   qw     (K·BITS/32, N) uint32, word row r holds codes k = r·CODES … r·CODES + CODES − 1 of each column,
+//          code j at bit BITS·j;
+//   scales (G, N) float16; zeros (G, N) uint8 (the true zero, not GPTQ's zero − 1); groups of `group_rows`
+//          word rows (a multiple of U, checked by the caller).
+//
+// Work: block (column tile, K split) = W warps; thread = C adjacent columns; warp = a contiguous range of
+// steps of U word rows. Each step's words, scales and zeros are loaded DEPTH − 1 steps ahead (registers as
+// the buffer); the block's x waits in shared memory. Per pair of codes 16 bits apart (4 bits: j, j + 4, one
+// shift; 2 bits: byte b's 4b, 4b + 1 or 4b + 2, 4b + 3, one prmt of the word and the word >> 2 for both):
+// one lop3 puts them under the bits of 2**e (ulp 1), one packed FMA subtracts 2**e + zero (exact
+// code − zero; the 2-bit codes at bit 4 times 1/16), one packed FMA multiplies by x's matching pair
+// (put in that order when x is staged). One word's products
+// chain in 16 bits, then widen to float32 (as the Triton GEMV's pair path); the scale once per step.
+// The warps of a block add up through shared memory; with SPLIT the blocks of a column tile add into a
+// float32 workspace and the last one (counted) writes y, re-zeroing what it read.
+
+#ifndef GV_BITS
+#define GV_BITS 4
+#endif
+#ifndef GV_C
+#define GV_C 1
+#endif
+#ifndef GV_W
+#define GV_W 8
+#endif
+#ifndef GV_U
+#define GV_U 4
+#endif
+#ifndef GV_DEPTH
+#define GV_DEPTH 3
+#endif
+#ifndef GV_ROWS
+#define GV_ROWS 1
+#endif
+#ifndef GV_F16
+#define GV_F16 0
+#endif
+#ifndef GV_SPLIT
+#define GV_SPLIT 0
+#endif
+#ifndef GV_HAS_BIAS
+#define GV_HAS_BIAS 0
+#endif
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#define GV_CODES (32 / GV_BITS)  // codes per word
+#define GV_XW (GV_CODES / 2)     // x's 32-bit words (pairs) per word row
+#define GV_TPB (GV_W * 32)
+
+#if GV_F16
+#define MAGIC 0x6400u  // 1024: ulp 1
+#define ONE 0x3C003C00u
+#define SIXTEENTH 0x2C002C00u
+#define NZ_BASE 0xE400u   // -(1024 + z) = NZ_BASE | z
+#define NZ16_BASE 0xD400u // -(64 + z) = NZ16_BASE | z << 4
+#define FMA2 "fma.rn.f16x2"
+#else
+#define MAGIC 0x4300u  // 128: ulp 1
+#define ONE 0x3F803F80u
+#define SIXTEENTH 0x3D803D80u
+#define NZ_BASE 0xC300u   // -(128 + z)
+#define NZ16_BASE 0xC100u // -(8 + z) = NZ16_BASE | z << 4
+#define FMA2 "fma.rn.bf16x2"
+#endif
+#define MAGIC2 (MAGIC * 0x10001u)
+
+static __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm(FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+static __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+static __device__ __forceinline__ u32 lop3_or_and(u32 a, u32 mask, u32 magic) {  // (a & mask) | magic
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+    return d;
+}
+
+static __device__ __forceinline__ float lo_f32(u32 a) {  // the low 16-bit half as float32
+#if GV_F16
+    float f;
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l; }" : "=f"(f) : "r"(a));
+    return f;
+#else
+    return __uint_as_float(a << 16);
+#endif
+}
+
+static __device__ __forceinline__ float hi_f32(u32 a) {
+#if GV_F16
+    float f;
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(a));
+    return f;
+#else
+    return __uint_as_float(a & 0xFFFF0000u);
+#endif
+}
+
+static __device__ __forceinline__ float h2f(u16 h) {  // x's dtype (float16 or bfloat16) bits → float32
+#if GV_F16
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return __uint_as_float(((u32)h) << 16);
+#endif
+}
+
+static __device__ __forceinline__ float half2f(u16 h) {  // float16 bits (the scales) → float32
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+static __device__ __forceinline__ u16 f2h(float f) {  // float32 → x's dtype, round to nearest even
+    u16 h;
+#if GV_F16
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+
+// C words of one word row, streamed (not kept in L1)
+static __device__ __forceinline__ void load_words(const u32* p, u32 (&w)[GV_C]) {
+#if GV_C == 4
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+#elif GV_C == 2
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "l"(p));
+#else
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(w[0]) : "l"(p));
+#endif
+}
+
+struct alignas(16) V4 {
+    u32 a, b, c, d;
+};
+
+extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
+    const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
+    const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
+    float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split) {
+    // dynamic shared memory: the block's x, ROWS × (its word rows × XW) pairs, then the warps' partial sums
+    extern __shared__ V4 smem4[];
+    __shared__ float red[GV_W][GV_ROWS][32 * GV_C];
+#if GV_SPLIT
+    __shared__ int last_block;
+#endif
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n0 = (blockIdx.x * 32 + lane) * GV_C;  // this thread's first column
+    const bool n_ok = n0 < N;
+    const int nc = n_ok ? n0 : 0;
+    const int steps = (K / GV_CODES) / GV_U;
+    const int s0 = blockIdx.y * steps_per_split;
+    const int s1 = min(steps, s0 + steps_per_split);
+    const int per_warp = (s1 - s0 + GV_W - 1) / GV_W;
+    const int w0 = s0 + warp * per_warp;
+    const int nsteps = max(0, min(s1, w0 + per_warp) - w0);
+    const int xrows = (s1 - s0) * GV_U * GV_XW;  // pairs of x per row in shared memory
+
+    // the words, zeros and scales of step d (of this warp), into ring slot `slot`
+    u32 buf[GV_DEPTH][GV_U][GV_C];
+    u32 zb[GV_DEPTH][GV_C];
+    u16 sb[GV_DEPTH][GV_C];
+    // running pointers of the next fetch: words, and the (group, column) of scales and zeros
+    const u32* wp = qw + (size_t)w0 * GV_U * N + nc;
+    const unsigned gr = (unsigned)group_rows;
+    unsigned frow = (unsigned)(w0 * GV_U);  // first word row of the next fetch
+#define GV_FETCH(d, slot)                                                                   \
+    if ((d) < nsteps) {                                                                     \
+        const unsigned g = (frow / gr) * (unsigned)N + (unsigned)nc;                        \
+        _Pragma("unroll") for (int c = 0; c < GV_C; ++c) {                                  \
+            zb[slot][c] = zeros[g + c];                                                     \
+            sb[slot][c] = scales[g + c];                                                    \
+        }                                                                                   \
+        if (n_ok)                                                                           \
+            _Pragma("unroll") for (int u = 0; u < GV_U; ++u) load_words(wp + u * N, buf[slot][u]); \
+        wp += GV_U * N;                                                                     \
+        frow += GV_U;                                                                       \
+    }
+#pragma unroll
+    for (int d = 0; d < GV_DEPTH - 1; ++d) GV_FETCH(d, d)
+
+    // x of the block's K range into shared memory (16 bytes a thread at a time) while those loads fly
+    {
+        const int per_row = xrows / 4;  // V4s per row
+        for (int i = threadIdx.x; i < GV_ROWS * per_row; i += GV_TPB) {
+            const int m = i / per_row, j = i % per_row;
+            const V4 v = reinterpret_cast<const V4*>(x + (size_t)m * ldx + (size_t)s0 * GV_U * GV_CODES)[j];
+#if GV_BITS == 4  // pairs (x_j, x_j+4) of each word row's 8, as the codes j, j + 4 lie 16 bits apart
+            smem4[i] = V4{prmt(v.a, v.c, 0x5410), prmt(v.a, v.c, 0x7632), prmt(v.b, v.d, 0x5410), prmt(v.b, v.d, 0x7632)};
+#else  // pairs (x_2i, x_2i+1) as they are
+            smem4[i] = v;
+#endif
+        }
+    }
+    __syncthreads();
+
+    float acc[GV_ROWS][GV_C];
+#pragma unroll
+    for (int m = 0; m < GV_ROWS; ++m)
+#pragma unroll
+        for (int c = 0; c < GV_C; ++c) acc[m][c] = 0.f;
+
+    for (int base = 0; base < nsteps; base += GV_DEPTH) {
+#pragma unroll
+        for (int d = 0; d < GV_DEPTH; ++d) {
+            const int st = base + d;
+            if (st < nsteps) {
+                GV_FETCH(st + GV_DEPTH - 1, (d + GV_DEPTH - 1) % GV_DEPTH)
+                const int xr0 = (w0 - s0 + st) * GV_U;  // the step's first word row within the block's x
+                float s[GV_ROWS][GV_C];
+#pragma unroll
+                for (int m = 0; m < GV_ROWS; ++m)
+#pragma unroll
+                    for (int c = 0; c < GV_C; ++c) s[m][c] = 0.f;
+#pragma unroll
+                for (int c = 0; c < GV_C; ++c) {
+                    const u32 z = zb[d][c];
+                    const u32 nz = (NZ_BASE | z) * 0x10001u;
+#if GV_BITS == 2
+                    const u32 nz16 = (NZ16_BASE | (z << 4)) * 0x10001u;
+#endif
+#pragma unroll
+                    for (int u = 0; u < GV_U; ++u) {
+                        u32 xv[GV_ROWS][GV_XW];
+#pragma unroll
+                        for (int m = 0; m < GV_ROWS; ++m)
+#pragma unroll
+                            for (int i = 0; i < GV_XW; i += 4) {
+                                const V4 v = smem4[(m * xrows + (xr0 + u) * GV_XW + i) / 4];
+                                xv[m][i] = v.a;
+                                xv[m][i + 1] = v.b;
+                                xv[m][i + 2] = v.c;
+                                xv[m][i + 3] = v.d;
+                            }
+                        const u32 w = buf[d][u][c];
+                        u32 a[GV_ROWS];
+#if GV_BITS == 4
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {  // codes i, i + 4 at bits 4i, 4i + 16
+                            const u32 t = i ? w >> (4 * i) : w;
+                            const u32 q = fma2(lop3_or_and(t, 0x000F000Fu, MAGIC2), ONE, nz);
+#pragma unroll
+                            for (int m = 0; m < GV_ROWS; ++m) a[m] = fma2(q, xv[m][i], i ? a[m] : 0x80008000u);
+                        }
+#else
+                        const u32 sh = w >> 2;
+#pragma unroll
+                        for (int b = 0; b < 4; ++b) {  // byte b: codes 4b, 4b + 1 (bits 0, 2), 4b + 2, 4b + 3 (4, 6)
+                            const u32 t = prmt(w, sh, b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12));
+                            const u32 q0 = fma2(lop3_or_and(t, 0x00030003u, MAGIC2), ONE, nz);
+                            const u32 q1 = fma2(lop3_or_and(t, 0x00300030u, MAGIC2), SIXTEENTH, nz16);
+#pragma unroll
+                            for (int m = 0; m < GV_ROWS; ++m) {
+                                a[m] = fma2(q0, xv[m][2 * b], b ? a[m] : 0x80008000u);
+                                a[m] = fma2(q1, xv[m][2 * b + 1], a[m]);
+                            }
+                        }
+#endif
+#pragma unroll
+                        for (int m = 0; m < GV_ROWS; ++m) s[m][c] += lo_f32(a[m]) + hi_f32(a[m]);
+                    }
+                }
+#pragma unroll
+                for (int c = 0; c < GV_C; ++c) {
+                    const float sc = half2f(sb[d][c]);
+#pragma unroll
+                    for (int m = 0; m < GV_ROWS; ++m) acc[m][c] = fmaf(s[m][c], sc, acc[m][c]);
+                }
+            }
+        }
+    }
+#undef GV_FETCH
+
+#pragma unroll
+    for (int m = 0; m < GV_ROWS; ++m)
+#pragma unroll
+        for (int c = 0; c < GV_C; ++c) red[warp][m][lane * GV_C + c] = acc[m][c];
+    __syncthreads();
+
+    const int tile_n = blockIdx.x * 32 * GV_C;
+#if GV_SPLIT
+    bool any = false;
+#endif
+    for (int o = threadIdx.x; o < GV_ROWS * 32 * GV_C; o += GV_TPB) {
+        const int m = o / (32 * GV_C), j = o % (32 * GV_C), n = tile_n + j;
+        if (n >= N) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < GV_W; ++w) v += red[w][m][j];
+#if GV_SPLIT
+        atomicAdd(ws + (size_t)m * N + n, v);
+        any = true;
+#else
+#if GV_HAS_BIAS
+        v += h2f(bias[n]);
+#endif
+        y[(size_t)m * ldy + n] = f2h(v);
+#endif
+    }
+#if GV_SPLIT
+    (void)any;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int done = atomicAdd(cnt + blockIdx.x, 1);
+        last_block = done == (int)gridDim.y - 1;
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    for (int o = threadIdx.x; o < GV_ROWS * 32 * GV_C; o += GV_TPB) {
+        const int m = o / (32 * GV_C), j = o % (32 * GV_C), n = tile_n + j;
+        if (n >= N) continue;
+        float v = atomicExch(ws + (size_t)m * N + n, 0.f);
+#if GV_HAS_BIAS
+        v += h2f(bias[n]);
+#endif
+        y[(size_t)m * ldy + n] = f2h(v);
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+#endif
+}

@@ -1,0 +1,79 @@
+"""The CUDA GEMV (``quantizers/kernels/gemv.cu``) without a GPU: the source compiles for sm_80 and sm_90
+in every setting the launches use, with no register spills (nvcc where installed; the GPU run compiles
+it with NVRTC), and the launcher's checks and its split of K."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantizers.kernels import cuda
+
+NVCC = shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/nvcc")), None)
+G = cuda.GemvConfig
+VARIANTS = [  # bits, config, rows, dtype, split, bias: the tuning candidates' shapes and the tests' extremes
+    (4, G(c=1, w=16, u=16, depth=2), 1, torch.bfloat16, False, False),
+    (4, G(c=1, w=32, u=8, depth=3), 1, torch.bfloat16, False, True),
+    (2, G(c=1, w=16, u=8, depth=3), 1, torch.bfloat16, False, False),
+    (2, G(c=1, w=32, u=4, depth=3), 1, torch.float16, True, False),
+    (4, G(c=4, w=4, u=8, depth=2), 8, torch.bfloat16, True, True),
+    (2, G(c=2, w=2, u=4, depth=4), 5, torch.float16, False, True),
+    (4, G(c=1, w=4, u=4, depth=1), 1, torch.float16, False, False),
+]
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc")
+@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("i", range(len(VARIANTS)))
+def test_gemv_source_compiles_without_spills(arch, i, tmp_path):
+    bits, cfg, rows, dtype, split, bias = VARIANTS[i]
+    flags = [f"-DGV_{k}={v}" for k, v in cuda.defines(bits, cfg, rows, dtype, split, bias).items()]
+    proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "k.cubin"), *flags,
+                           "-Xptxas", "-v", str(cuda.SOURCE)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    assert regs and "0 bytes spill stores" in report and "0 bytes stack frame" in report, report
+    assert int(regs.group(1)) * 32 * cfg.w <= 65536, report  # a block fits an SM's registers
+
+
+class _Rt:  # what cuda.supports and the split read of a Runtime
+    def __init__(self, bits=4, K=4096, N=4096, group_size=128):
+        self.bits, self.K, self.N, self.group_size = bits, K, N, group_size
+        self.qweight = torch.empty(0)
+
+
+def test_supports_names_what_it_does_not_take():
+    ok = G(c=1, w=8, u=8, depth=2)
+    assert cuda.supports(_Rt(), 1, torch.bfloat16, ok) is None
+    assert cuda.supports(_Rt(), 8, torch.float16, ok) is None
+    assert "3 bits" in cuda.supports(_Rt(bits=3), 1, torch.bfloat16, ok)
+    assert "torch.float32" in cuda.supports(_Rt(), 1, torch.float32, ok)
+    assert "9 rows" in cuda.supports(_Rt(), 9, torch.bfloat16, ok)
+    assert "64 codes" in cuda.supports(_Rt(group_size=32), 1, torch.bfloat16, ok)  # a step spans two groups
+    assert "groups" in cuda.supports(_Rt(group_size=None), 1, torch.bfloat16, ok)
+    assert cuda.supports(_Rt(group_size=4096), 1, torch.bfloat16, ok) is None  # one group
+    assert "multiple of 4" in cuda.supports(_Rt(N=4098), 1, torch.bfloat16, G(c=4))
+
+
+def test_available_needs_a_cuda_device_and_can_be_turned_off(monkeypatch):
+    assert not cuda.available(torch.device("cpu"))
+    monkeypatch.setenv("HARNESS_KERNEL_CUDA", "0")
+    assert not cuda.available(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("K,rows,split,want", [(4096, 1, 1, (1, 64)), (4096, 1, 3, (3, 22)), (11008, 8, 1, (2, 86)),
+                                               (4096, 1, 100, (64, 1))])
+def test_split_covers_every_step_once_and_keeps_x_in_shared_memory(K, rows, split, want):
+    rt = _Rt(K=K)
+    cfg = G(u=8, split=split)
+    got = cuda._split(rt, cfg, rows, 128, torch.device("cpu"))
+    assert got == want
+    blocks, per = got
+    steps = K // (8 * 8)
+    assert (blocks - 1) * per < steps <= blocks * per  # no empty block, nothing left over
+    assert rows * per * 8 * 8 * 2 <= cuda.X_SMEM
