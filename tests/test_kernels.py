@@ -297,7 +297,9 @@ def cuda_gemv_results() -> dict:
         cfg = tg.Config("cuda", **fields)
         y1 = tg.matmul(x.cuda(), rt, m.bias, cfg)
         y2 = tg.matmul(x.cuda(), rt, m.bias, cfg)
-        out[i] = {"y": y1.cpu(), "again": y2.cpu(), "path": rt.path}
+        plan = next(iter(rt.plans.values()))
+        out[i] = {"y": y1.cpu(), "again": y2.cpu(), "path": rt.path, "gather": plan.gather_x, "pdl": plan.pdl,
+                  "hopper": torch.cuda.get_device_capability() >= (9, 0)}
     return out
 
 
@@ -573,6 +575,7 @@ def test_cuda_gemv_matches_dequantize_then_matmul(compiled, i):
     b = torch.randn(N_, generator=torch.Generator().manual_seed(i)).to(dtype) if bias else None
     run = compiled["cuda"][i]
     assert run["path"] == PATHS["cuda"] and run["y"].dtype == dtype and run["y"].shape == (M, N_)
+    assert run["gather"] == act and run["pdl"] == (act and run["hopper"])  # act-order: overlapped on sm_90+
     ref = reference(res, x, b)
     assert rel_err(run["y"], ref) < TOL[torch.bfloat16]  # bfloat16-pair sums even for float16 x (float16 pairs)
     if fields["split"] == 1:  # one block per column tile: the same sums in the same order

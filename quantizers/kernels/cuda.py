@@ -171,11 +171,39 @@ class Kernel:
                       "cuFuncSetAttribute")
             self.smem_limit = nbytes
 
-    def launch(self, grid: tuple[int, int], args: list, stream: int, smem: int = 0) -> None:
+    def launch(self, grid: tuple[int, int], args: list, stream: int, smem: int = 0, pdl: bool = False) -> None:
+        """Launch on ``stream``; ``pdl``: as a programmatic dependent of the kernel before it (which lets it
+        start early; the kernel waits with ``griddepcontrol.wait`` before it reads that kernel's output)."""
         holders = [ctypes.c_void_p(a) if isinstance(a, _Ptr) else ctypes.c_int(a) for a in args]
         params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
-        _check_cu(_open("cuda").cuLaunchKernel(self.func, grid[0], grid[1], 1, self.threads, 1, 1, smem,
-                                               ctypes.c_void_p(stream), params, None), "cuLaunchKernel")
+        cu = _open("cuda")
+        if not pdl:
+            _check_cu(cu.cuLaunchKernel(self.func, grid[0], grid[1], 1, self.threads, 1, 1, smem,
+                                        ctypes.c_void_p(stream), params, None), "cuLaunchKernel")
+            return
+        attr = _LaunchAttr(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.val.value = 1
+        cfg = _LaunchConfig(grid[0], grid[1], 1, self.threads, 1, 1, smem, ctypes.c_void_p(stream),
+                            ctypes.pointer(attr), 1)
+        _check_cu(cu.cuLaunchKernelEx(ctypes.byref(cfg), self.func, params, None), "cuLaunchKernelEx")
+
+
+class _LaunchAttrValue(ctypes.Union):
+    _fields_ = [("pad", ctypes.c_char * 64), ("value", ctypes.c_int)]
+
+
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("val", _LaunchAttrValue)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttr)), ("numAttrs", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
 class _Ptr(int):
@@ -200,10 +228,11 @@ def kernel(defines: dict[str, int], device: torch.device) -> Kernel:
 # ---------------------------------------------------------------------------------------------- the GEMV
 
 
-def defines(bits: int, cfg: GemvConfig, rows: int, dtype: torch.dtype, split: bool, bias: bool) -> dict[str, int]:
+def defines(bits: int, cfg: GemvConfig, rows: int, dtype: torch.dtype, split: bool, bias: bool,
+            pdl: bool = False) -> dict[str, int]:
     """The ``GV_*`` settings of one compiled variant of ``gemv.cu``."""
     return dict(BITS=bits, C=cfg.c, W=cfg.w, U=cfg.u, DEPTH=cfg.depth, ROWS=rows, F16=int(dtype == torch.float16),
-                SPLIT=int(split), HAS_BIAS=int(bias))
+                SPLIT=int(split), HAS_BIAS=int(bias), PDL=int(pdl))
 
 
 def available(device: torch.device) -> bool:
@@ -258,23 +287,24 @@ def _split(rt, cfg: GemvConfig, M: int, tiles: int, device: torch.device) -> tup
 
 
 def gemv(x: torch.Tensor, rt, bias: torch.Tensor | None, cfg: GemvConfig, y: torch.Tensor | None = None,
-         workspace=None) -> torch.Tensor:
+         workspace=None, pdl: bool = False) -> torch.Tensor:
     """``x`` (M ≤ MAX_ROWS, K) float16 / bfloat16, contiguous, times the dequantized weight of ``rt``
     (codes in sorted order: gather act-order's ``x`` first) plus ``bias``: (M, N) in ``x``'s dtype.
-    ``workspace(numel, counters)`` gives the zeroed float32 / int32 scratch of a K split."""
+    ``workspace(numel, counters)`` gives the zeroed float32 / int32 scratch of a K split. ``pdl``: ``x``
+    comes from the kernel launched just before (the gather, sm_90+), which this launch may overlap: its
+    blocks load their first weights, then wait for it."""
     why = supports(rt, x.shape[0], x.dtype, cfg)
     if why:
         raise ValueError(f"the CUDA GEMV does not take {why}")
     M, K = x.shape
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if x.data_ptr() % 16:  # gemv.cu reads x 16 bytes at a time
-        x = x.clone()
+    if not x.is_contiguous() or x.data_ptr() % 16:  # gemv.cu reads x 16 bytes at a time
+        x = x.contiguous() if not x.is_contiguous() else x.clone()
+        pdl = False  # that copy runs between: x no longer comes from the kernel before
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     tiles = -(-rt.N // (32 * cfg.c))
     split, per = _split(rt, cfg, M, tiles, x.device)
-    k = kernel(defines(rt.bits, cfg, M, x.dtype, split > 1, bias is not None), x.device)
+    k = kernel(defines(rt.bits, cfg, M, x.dtype, split > 1, bias is not None, pdl), x.device)
     if y is None:
         y = torch.empty((M, rt.N), dtype=x.dtype, device=x.device)
     if split > 1:
@@ -287,5 +317,5 @@ def gemv(x: torch.Tensor, rt, bias: torch.Tensor | None, cfg: GemvConfig, y: tor
             _Ptr(ws.data_ptr()), _Ptr(cnt.data_ptr()), K, rt.N, group_rows, per]
     smem = M * per * cfg.u * CODES[rt.bits] * 2  # the block's x
     k.allow_smem(smem)
-    k.launch((tiles, split), args, torch.cuda.current_stream(x.device).cuda_stream, smem)
+    k.launch((tiles, split), args, torch.cuda.current_stream(x.device).cuda_stream, smem, pdl)
     return y

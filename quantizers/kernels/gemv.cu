@@ -46,6 +46,9 @@
 #ifndef GV_HAS_BIAS
 #define GV_HAS_BIAS 0
 #endif
+#ifndef GV_PDL  // launched as a programmatic dependent of the kernel that gathered x: wait for it before reading x
+#define GV_PDL 0
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -196,6 +199,9 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #pragma unroll
     for (int d = 0; d < GV_DEPTH - 1; ++d) GV_FETCH(d, d)
 
+#if GV_PDL  // the weights above do not depend on the kernel before; x does
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     // x of the block's K range into shared memory (16 bytes a thread at a time) while those loads fly
     {
         const int per_row = xrows / 4;  // V4s per row

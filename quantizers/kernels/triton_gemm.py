@@ -1006,7 +1006,8 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
             why = f"{device} (a CUDA GPU of compute capability 8.0+ with NVRTC, HARNESS_KERNEL_CUDA not 0)"
         if why is not None:
             raise ValueError(f"config {config.name()!r}: the CUDA GEMV does not take {why}")
-        return _Plan(None, (), {}, (0, 0), PATHS["cuda"], rt.perm is not None, False, gcfg)
+        act = rt.perm is not None  # x gathered first; on sm_90+ the GEMV overlaps the gather's end (PDL)
+        return _Plan(None, (), {}, (0, 0), PATHS["cuda"], act, act and pdl_runs(device), gcfg)
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
     n_tiles = triton.cdiv(N, cfg.bn)
@@ -1182,7 +1183,7 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
     if plan.gather_x:
         x = gather_columns(x, rt.perm, plan.pdl)
     if plan.cuda is not None:
-        cuda.gemv(x, rt, bias, plan.cuda, y, lambda numel, counters: workspace(x.device, numel, counters))
+        cuda.gemv(x, rt, bias, plan.cuda, y, lambda numel, counters: workspace(x.device, numel, counters), plan.pdl)
         rt.path = plan.path
         return y
     if plan.workspace[0]:
