@@ -317,5 +317,10 @@ def gemv(x: torch.Tensor, rt, bias: torch.Tensor | None, cfg: GemvConfig, y: tor
             _Ptr(ws.data_ptr()), _Ptr(cnt.data_ptr()), K, rt.N, group_rows, per]
     smem = M * per * cfg.u * CODES[rt.bits] * 2  # the block's x
     k.allow_smem(smem)
-    k.launch((tiles, split), args, torch.cuda.current_stream(x.device).cuda_stream, smem, pdl)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    if x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # the driver launches in the current device's context
+            k.launch((tiles, split), args, stream, smem, pdl)
+    else:
+        k.launch((tiles, split), args, stream, smem, pdl)
     return y
