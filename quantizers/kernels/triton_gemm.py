@@ -1170,6 +1170,9 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
     M, K = x.shape
     if K != rt.K:
         raise ValueError(f"x has {K} columns, the weight {rt.K} inputs")
+    if x.device.type == "cuda" and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # kernels launch on the current device
+            return matmul(x, rt, bias, config)
     y = torch.empty((M, rt.N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
