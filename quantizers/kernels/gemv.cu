@@ -301,9 +301,6 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     __syncthreads();
 
     const int tile_n = blockIdx.x * 32 * GV_C;
-#if GV_SPLIT
-    bool any = false;
-#endif
     for (int o = threadIdx.x; o < GV_ROWS * 32 * GV_C; o += GV_TPB) {
         const int m = o / (32 * GV_C), j = o % (32 * GV_C), n = tile_n + j;
         if (n >= N) continue;
@@ -312,7 +309,6 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
         for (int w = 0; w < GV_W; ++w) v += red[w][m][j];
 #if GV_SPLIT
         atomicAdd(ws + (size_t)m * N + n, v);
-        any = true;
 #else
 #if GV_HAS_BIAS
         v += h2f(bias[n]);
@@ -321,7 +317,6 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #endif
     }
 #if GV_SPLIT
-    (void)any;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
