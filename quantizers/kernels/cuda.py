@@ -308,6 +308,8 @@ def gemv(x: torch.Tensor, rt, bias: torch.Tensor | None, cfg: GemvConfig, y: tor
     if y is None:
         y = torch.empty((M, rt.N), dtype=x.dtype, device=x.device)
     if split > 1:
+        if workspace is None:
+            raise ValueError(f"{cfg.name()} splits K over {split} blocks: pass workspace(numel, counters)")
         ws, cnt = workspace(M * rt.N, tiles)
     else:
         ws = cnt = rt.scratch
