@@ -12,19 +12,37 @@ import pytest
 import torch
 
 from quantizers.kernels import cuda
+from quantizers.kernels.triton_gemm import Config
 
 NVCC = shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/nvcc")), None)
-G = cuda.GemvConfig
+
+
+def G(c: int = 1, w: int = 8, u: int = 4, depth: int = 3, split: int = 1, bits: int = 4, **kw) -> Config:
+    """A ``cuda`` launch config by the kernel's own units: ``c`` columns a thread, ``w`` warps, ``u`` word rows
+    a step, ``depth`` steps in flight."""
+    return Config("cuda", bn=32 * c, bk=u * cuda.CODES[bits], num_warps=w, num_stages=depth, split=split, **kw)
+
+
 VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl: the tuning candidates' shapes and the tests' extremes
     (4, G(c=1, w=16, u=16, depth=2), 1, torch.bfloat16, False, False, False),
     (4, G(c=1, w=32, u=8, depth=3), 1, torch.bfloat16, False, True, False),
-    (2, G(c=1, w=16, u=8, depth=3), 1, torch.bfloat16, False, False, False),
-    (2, G(c=1, w=32, u=4, depth=3), 1, torch.float16, True, False, False),
+    (2, G(c=1, w=16, u=8, depth=3, bits=2), 1, torch.bfloat16, False, False, False),
+    (2, G(c=1, w=32, u=4, depth=3, bits=2), 1, torch.float16, True, False, False),
     (4, G(c=4, w=4, u=8, depth=2), 8, torch.bfloat16, True, True, False),
-    (2, G(c=2, w=2, u=4, depth=4), 5, torch.float16, False, True, False),
+    (2, G(c=2, w=2, u=4, depth=4, bits=2), 5, torch.float16, False, True, False),
     (4, G(c=1, w=4, u=4, depth=1), 1, torch.float16, False, False, False),
-    (4, G(c=1, w=16, u=16, depth=2), 1, torch.bfloat16, False, False, True),  # act-order after the gather
+    # overlapped launches (sm_90+): the weights of the first steps loaded before the wait
+    (4, G(c=1, w=16, u=16, depth=2), 1, torch.bfloat16, False, False, True),
+    (2, G(c=1, w=16, u=8, depth=4, bits=2), 1, torch.bfloat16, False, False, True),
+    (4, G(c=1, w=8, u=16, depth=3), 4, torch.float16, True, True, True),
 ]
+
+
+def test_launch_shape_reads_the_config_in_the_kernels_units():
+    assert cuda.shape(Config("cuda", bn=64, bk=128, num_warps=16, num_stages=3), 4) == (2, 16, 16, 3)
+    assert cuda.shape(Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2), 2) == (1, 8, 8, 2)
+    d = cuda.defines(2, G(c=2, w=4, u=8, depth=3, bits=2), 3, torch.float16, True, False, True)
+    assert d == dict(BITS=2, C=2, W=4, U=8, DEPTH=3, ROWS=3, F16=1, SPLIT=1, HAS_BIAS=0, PDL=1)
 
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc")
@@ -41,7 +59,7 @@ def test_gemv_source_compiles_without_spills(arch, i, tmp_path):
     report = proc.stdout + proc.stderr
     regs = re.search(r"Used (\d+) registers", report)
     assert regs and "0 bytes spill stores" in report and "0 bytes stack frame" in report, report
-    assert int(regs.group(1)) * 32 * cfg.w <= 65536, report  # a block fits an SM's registers
+    assert int(regs.group(1)) * 32 * cfg.num_warps <= 65536, report  # a block fits an SM's registers
 
 
 class _Rt:  # what cuda.supports and the split read of a Runtime
@@ -70,11 +88,11 @@ def test_available_needs_a_cuda_device_and_can_be_turned_off(monkeypatch):
 
 
 @pytest.mark.parametrize("K,rows,split,want", [(4096, 1, 1, (1, 64)), (4096, 1, 3, (3, 22)), (11008, 8, 1, (2, 86)),
-                                               (4096, 1, 100, (64, 1))])
+                                               (4096, 1, 100, (64, 1)), (4096, 1, 0, (5, 13))])
 def test_split_covers_every_step_once_and_keeps_x_in_shared_memory(K, rows, split, want):
     rt = _Rt(K=K)
-    cfg = G(u=8, split=split)
-    got = cuda._split(rt, cfg, rows, 128, torch.device("cpu"))
+    cfg = G(u=8, split=split, warps_per_sm=32)  # split 0: 4 blocks of 8 warps an SM over 128 tiles, 132 SMs
+    got = cuda.split_k(rt, cfg, rows, 128, 132)
     assert got == want
     blocks, per = got
     steps = K // (8 * 8)

@@ -233,6 +233,7 @@ def compiled_results(out: str) -> None:
                 results[name]["skipped"][cfg.name()] = str(exc)
     results["model"] = tiny_model_logits("cuda", torch.float16)
     results["pdl"] = pdl_results()
+    results["overlap"] = overlap_results()
     results["cuda"] = cuda_gemv_results()
     dev = torch.device("cuda")
     gate = {"bf16-4": tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), dev),
@@ -268,6 +269,73 @@ def pdl_results() -> dict:
             out[(M, flag)] = {"y": y.cpu(), "pdl": plan.pdl, "launch_pdl": plan.fixed.get("launch_pdl", False),
                               "gather": plan.gather_x}
         os.environ.pop("HARNESS_KERNEL_PDL")
+    return out
+
+
+OVERLAP_CHAINS = {  # label: rows, config fields (None: the default), act-order
+    "gemv": (1, None, False),  # None: the default config
+    "dot": (16, None, False),
+    "cuda": (1, dict(bn=32, bk=128, num_warps=16, num_stages=2, split=1), False),
+    "cuda-split": (1, dict(bn=32, bk=128, num_warps=8, num_stages=3, split=4), False),
+    "cuda-act": (1, dict(bn=32, bk=128, num_warps=16, num_stages=3, split=1), True),
+}
+
+
+def overlap_results() -> dict:
+    """Chains of products where each ``x`` is the previous ``y`` (once through a kernel between, once
+    directly), 4096×4096 at 4 bits, with overlapped launches (the default on sm_90+) and without
+    (``HARNESS_KERNEL_PDL=0``): run eagerly and replayed from a CUDA graph. Then a first product right after
+    its weights were rewritten on the stream."""
+    import os
+
+    from quantizers.kernels import triton_gemm as tg
+
+    out = {"hopper": torch.cuda.get_device_capability() >= (9, 0)}
+    for label, (M, fields, act) in OVERLAP_CHAINS.items():
+        cfg = tg.Config("cuda", **fields) if fields else tg.default_config(M, 4, act)
+        x0 = torch.randn(M, 4096, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).cuda()
+        for flag in ("1", "0"):
+            os.environ["HARNESS_KERNEL_PDL"] = flag
+            rts = [tg.runtime_of(module_of(gpu_inputs(4, 4096, 4096, 128, act, M, torch.bfloat16)[0], None,
+                                           torch.bfloat16).cuda()) for _ in range(3)]
+            settled = [rt.settled for rt in rts]
+
+            def chain(x0=x0, rts=rts, cfg=cfg):
+                x = x0
+                for rt in rts:
+                    y = tg.matmul(x, rt, None, cfg)
+                    x = (y.float() / y.float().abs().amax()).to(torch.bfloat16)  # a kernel between
+                    x = tg.matmul(x, rt, None, cfg)  # and one product right after another
+                    x = (x.float() / x.float().abs().amax()).to(torch.bfloat16)
+                return x
+
+            eager = [chain(), chain()]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    y_graph = chain()
+            replays = []
+            for _ in range(3):
+                graph.replay()
+                torch.cuda.synchronize()
+                replays.append(y_graph.clone().cpu())
+            plans = [p for rt in rts for p in rt.plans.values()]
+            out[(label, flag)] = {"eager": [e.cpu() for e in eager], "graph": replays, "settled_before": settled,
+                                  "settled": [rt.settled for rt in rts], "pdl": {p.pdl for p in plans},
+                                  "path": rts[0].path}
+            del graph
+        os.environ.pop("HARNESS_KERNEL_PDL")
+    # the weights written by the kernel just before the first product on them (overlapped launches on)
+    res, x = gpu_inputs(4, 4096, 4096, 128, False, 1, torch.bfloat16)
+    rt = tg.runtime_of(module_of(res, None, torch.bfloat16).cuda())
+    cfg = tg.Config("cuda", bn=32, bk=128, num_warps=16, num_stages=2, split=1)
+    words = rt.qweight.clone()
+    rt.qweight.zero_()
+    torch.cuda.synchronize()
+    rt.qweight.copy_(words)  # on the stream, right before the product
+    out["rewritten"] = tg.matmul(x.cuda(), rt, None, cfg).cpu()
     return out
 
 
@@ -553,6 +621,33 @@ def test_act_order_gather_and_product_overlap_by_pdl_on_hopper(compiled):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("label", list(OVERLAP_CHAINS))
+def test_overlapped_launches_give_the_same_chained_products(compiled, label):
+    out = compiled["overlap"]
+    on, off = out[(label, "1")], out[(label, "0")]
+    assert on["pdl"] == {out["hopper"]} and off["pdl"] == {False}
+    assert on["path"] == off["path"] == PATHS["cuda" if label.startswith("cuda") else
+                                              "dot-magic" if label == "dot" else "gemv-pairs"]
+    assert on["settled_before"] == off["settled_before"] == [False] * 3  # fresh weights: the first product plain
+    if label.startswith("cuda"):  # the CUDA GEMV reads weights before it waits: only once they are settled
+        assert on["settled"] == off["settled"] == [True] * 3
+    deterministic = label in ("cuda", "cuda-act")  # one block per column tile: the same sums in the same order
+    ref = off["eager"][0].float()
+    assert ref.abs().amax() == 1.0  # the chain ran through (normalised each step)
+    for y in on["eager"] + on["graph"] + off["eager"][1:] + off["graph"]:
+        if deterministic:
+            assert torch.equal(y, off["eager"][0])
+        else:  # split-K adds in any order
+            assert rel_err(y, ref) < 2e-2
+
+
+@pytest.mark.gpu
+def test_first_product_after_its_weights_are_written_reads_the_new_weights(compiled):
+    res, x = gpu_inputs(4, 4096, 4096, 128, False, 1, torch.bfloat16)
+    assert rel_err(compiled["overlap"]["rewritten"], reference(res, x, None)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
 def test_pair_path_runs_only_where_it_can(compiled):
     gate = compiled["gate"]
     assert gate["bf16-4"] is (tuple(gate["capability"]) >= (8, 0))
@@ -575,7 +670,7 @@ def test_cuda_gemv_matches_dequantize_then_matmul(compiled, i):
     b = torch.randn(N_, generator=torch.Generator().manual_seed(i)).to(dtype) if bias else None
     run = compiled["cuda"][i]
     assert run["path"] == PATHS["cuda"] and run["y"].dtype == dtype and run["y"].shape == (M, N_)
-    assert run["gather"] == act and run["pdl"] == (act and run["hopper"])  # act-order: overlapped on sm_90+
+    assert run["gather"] == act and run["pdl"] == run["hopper"]  # overlapped launches on sm_90+
     ref = reference(res, x, b)
     assert rel_err(run["y"], ref) < TOL[torch.bfloat16]  # bfloat16-pair sums even for float16 x (float16 pairs)
     if fields["split"] == 1:  # one block per column tile: the same sums in the same order

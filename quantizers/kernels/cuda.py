@@ -2,9 +2,12 @@
 library that comes with torch's CUDA build) and launched through the CUDA driver by ctypes: no compiler
 or build step at install time.
 
-:func:`gemv` multiplies ``x`` (up to :data:`MAX_ROWS` rows, float16 / bfloat16) with a packed weight in
-the Triton module's :class:`~quantizers.kernels.triton_gemm.Runtime` layout (2 or 4 bits, regular groups,
-codes in sorted order; act-order's ``x`` is gathered by the caller). :func:`supports` says where it runs.
+:func:`prepare` resolves one product's launch once (:class:`Launch`: compiled variant, grid, K split,
+shared memory) and :func:`run` launches it with the call's tensors: ``x`` (up to :data:`MAX_ROWS` rows,
+float16 / bfloat16) times a packed weight in the Triton module's
+:class:`~quantizers.kernels.triton_gemm.Runtime` layout (2 or 4 bits, regular groups, codes in sorted
+order; act-order's ``x`` is gathered by the caller). :func:`supports` says where it runs. A launch shape
+is the Triton module's ``Config`` with ``kernel="cuda"`` (read here by its fields, see :func:`defines`).
 Compiled kernels are kept per process and, as cubins, on disk under ``$HARNESS_CACHE/cuda`` (default
 ``~/.cache/quant-harness/cuda``). ``HARNESS_KERNEL_CUDA=0`` turns the path off.
 
@@ -32,25 +35,6 @@ CODES = {2: 16, 4: 8}  # codes per 32-bit word
 
 class CudaUnavailable(RuntimeError):
     """NVRTC or the driver could not be used; the caller falls back to the Triton kernels."""
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """Launch shape: ``c`` adjacent columns per thread (1, 2, 4: 4-, 8- or 16-byte loads), ``w`` warps a
-    block (they split the block's K range and add up in shared memory), ``u`` word rows a step (one scale
-    multiply per step), ``depth`` steps in flight (``depth − 1`` loaded ahead), ``split`` K splits over
-    blocks (0: as many as give every SM ``blocks_per_sm`` blocks; 1: none, the block writes ``y``)."""
-
-    c: int = 1
-    w: int = 8
-    u: int = 4
-    depth: int = 3
-    split: int = 1
-    blocks_per_sm: int = 2
-
-    def name(self) -> str:
-        split = f"s{self.split}" if self.split else f"b{self.blocks_per_sm}"
-        return f"cuda-gemv c{self.c} w{self.w} u{self.u} d{self.depth} {split}"
 
 
 # ------------------------------------------------------------------------------------------- libraries
@@ -228,10 +212,19 @@ def kernel(defines: dict[str, int], device: torch.device) -> Kernel:
 # ---------------------------------------------------------------------------------------------- the GEMV
 
 
-def defines(bits: int, cfg: GemvConfig, rows: int, dtype: torch.dtype, split: bool, bias: bool,
+def shape(cfg, bits: int) -> tuple[int, int, int, int]:
+    """(columns a thread, warps a block, word rows a step, steps in flight) of a launch config: ``cfg.bn``
+    columns a block (32 × columns a thread: 4-, 8- or 16-byte loads), ``cfg.bk`` codes of K a step (one
+    scale multiply per step), ``cfg.num_warps`` warps a block (they split the block's K range and add up
+    in shared memory), ``cfg.num_stages`` steps in flight (that many − 1 loaded ahead)."""
+    return max(1, cfg.bn // 32), cfg.num_warps, max(1, cfg.bk // CODES.get(bits, 1)), cfg.num_stages
+
+
+def defines(bits: int, cfg, rows: int, dtype: torch.dtype, split: bool, bias: bool,
             pdl: bool = False) -> dict[str, int]:
     """The ``GV_*`` settings of one compiled variant of ``gemv.cu``."""
-    return dict(BITS=bits, C=cfg.c, W=cfg.w, U=cfg.u, DEPTH=cfg.depth, ROWS=rows, F16=int(dtype == torch.float16),
+    c, w, u, depth = shape(cfg, bits)
+    return dict(BITS=bits, C=c, W=w, U=u, DEPTH=depth, ROWS=rows, F16=int(dtype == torch.float16),
                 SPLIT=int(split), HAS_BIAS=int(bias), PDL=int(pdl))
 
 
@@ -253,76 +246,97 @@ def available(device: torch.device) -> bool:
     return True
 
 
-def supports(rt, M: int, dtype: torch.dtype, cfg: GemvConfig) -> str | None:
-    """None when :func:`gemv` takes this product, else why not (the Triton kernels run it instead)."""
+def supports(rt, M: int, dtype: torch.dtype, cfg) -> str | None:
+    """None when the CUDA GEMV takes this product with launch config ``cfg``, else why not (the Triton
+    kernels run it instead)."""
     if rt.bits not in BITS:
         return f"{rt.bits} bits (it takes {BITS})"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"x in {dtype} (it takes float16 and bfloat16)"
     if not 1 <= M <= MAX_ROWS:
         return f"{M} rows (it takes 1 to {MAX_ROWS})"
-    step = CODES[rt.bits] * cfg.u  # codes of k a step
+    c, _, u, _ = shape(cfg, rt.bits)
+    step = CODES[rt.bits] * u  # codes of k a step
     if rt.group_size is None or rt.K % step or (rt.group_size < rt.K and rt.group_size % step):
         return f"groups that are not a multiple of {step} codes"
-    if rt.N % cfg.c or rt.qweight.data_ptr() % 16:
-        return f"N = {rt.N} is not a multiple of {cfg.c} (or the packed words are not 16-byte aligned)"
+    if rt.N % c or rt.qweight.data_ptr() % 16:
+        return f"N = {rt.N} is not a multiple of {c} (or the packed words are not 16-byte aligned)"
     return None
 
 
 X_SMEM = 96 * 1024  # bytes of x a block keeps in shared memory at most (more rows or K: more K splits)
 
 
-def _split(rt, cfg: GemvConfig, M: int, tiles: int, device: torch.device) -> tuple[int, int]:
-    """(blocks along K, steps each)."""
-    step_codes = CODES[rt.bits] * cfg.u
-    steps = rt.K // step_codes
-    split = cfg.split
-    if not split:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        split = max(1, -(-cfg.blocks_per_sm * sms // tiles))
+def split_k(rt, cfg, M: int, tiles: int, sms: int) -> tuple[int, int]:
+    """(blocks along K, steps each) of a launch config over ``tiles`` column tiles on ``sms`` SMs:
+    ``cfg.split`` splits (0: enough blocks to give every SM ``cfg.warps_per_sm`` warps), at least as
+    many as keep a block's ``x`` in shared memory, no empty block."""
+    _, w, u, _ = shape(cfg, rt.bits)
+    steps = rt.K // (CODES[rt.bits] * u)
+    split = cfg.split or max(1, -(-max(1, cfg.warps_per_sm // w) * sms // tiles))
     split = max(split, -(-M * rt.K * 2 // X_SMEM))  # the block's x fits in shared memory
     split = max(1, min(split, steps))
     per = -(-steps // split)
     return -(-steps // per), per
 
 
-def gemv(x: torch.Tensor, rt, bias: torch.Tensor | None, cfg: GemvConfig, y: torch.Tensor | None = None,
-         workspace=None, pdl: bool = False) -> torch.Tensor:
-    """``x`` (M ≤ MAX_ROWS, K) float16 / bfloat16, contiguous, times the dequantized weight of ``rt``
-    (codes in sorted order: gather act-order's ``x`` first) plus ``bias``: (M, N) in ``x``'s dtype.
-    ``workspace(numel, counters)`` gives the zeroed float32 / int32 scratch of a K split. ``pdl``: ``x``
-    comes from the kernel launched just before (the gather, sm_90+), which this launch may overlap: its
-    blocks load their first weights, then wait for it."""
-    why = supports(rt, x.shape[0], x.dtype, cfg)
+@dataclass(frozen=True)
+class Launch:
+    """One product's launch, resolved once (:func:`prepare`) and kept by the caller's plan."""
+
+    kernel: Kernel
+    grid: tuple[int, int]  # (column tiles, K splits)
+    steps: int  # steps of K a block covers
+    smem: int  # bytes of dynamic shared memory: the block's x
+    group_rows: int  # word rows a group
+    workspace: tuple[int, int]  # float32 words and int32 counters of the K split's scratch; (0, 0): none
+    pdl: bool  # compiled to wait (griddepcontrol): may be launched as a programmatic dependent
+
+
+def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool, cfg, pdl: bool) -> Launch:
+    """The launch of ``x`` (M, K) in ``dtype`` times ``rt`` (+ bias) with launch config ``cfg`` on
+    ``device``; ``ValueError`` naming the reason where the CUDA GEMV does not take it. ``pdl`` (sm_90+):
+    the variant that may overlap the kernel before it (:func:`run`)."""
+    why = supports(rt, M, dtype, cfg)
     if why:
         raise ValueError(f"the CUDA GEMV does not take {why}")
-    M, K = x.shape
+    tiles = -(-rt.N // (32 * shape(cfg, rt.bits)[0]))
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    split, per = split_k(rt, cfg, M, tiles, torch.cuda.get_device_properties(idx).multi_processor_count)
+    k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl), torch.device("cuda", idx))
+    smem = M * per * shape(cfg, rt.bits)[2] * CODES[rt.bits] * 2
+    k.allow_smem(smem)
+    return Launch(k, (tiles, split), per, smem, min(rt.group_size, rt.K) // CODES[rt.bits],
+                  (M * rt.N, tiles) if split > 1 else (0, 0), pdl)
+
+
+def run(launch: Launch, x: torch.Tensor, rt, bias: torch.Tensor | None, y: torch.Tensor,
+        scratch: tuple[torch.Tensor, torch.Tensor] | None = None, pdl: bool = False) -> None:
+    """``y`` (M, N) = ``x`` (M, K, contiguous, 16-byte aligned; act-order's gathered) times ``rt``'s weight
+    plus ``bias`` (in ``x``'s dtype), on the current stream of ``x``'s device; ``scratch``: the zeroed
+    (float32, int32) workspace of ``launch.workspace`` when it splits K.
+
+    ``pdl`` (a launch prepared with it): launched as a programmatic dependent of the kernel before it, its
+    blocks load their first weights while that kernel finishes, then wait for it (``griddepcontrol.wait``)
+    before reading ``x`` or writing anything. The caller must know that kernel does not write the weights
+    (the Triton module launches a weight's first product without it)."""
     if not x.is_contiguous() or x.data_ptr() % 16:  # gemv.cu reads x 16 bytes at a time
         x = x.contiguous() if not x.is_contiguous() else x.clone()
-        pdl = False  # that copy runs between: x no longer comes from the kernel before
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    tiles = -(-rt.N // (32 * cfg.c))
-    split, per = _split(rt, cfg, M, tiles, x.device)
-    k = kernel(defines(rt.bits, cfg, M, x.dtype, split > 1, bias is not None, pdl), x.device)
-    if y is None:
-        y = torch.empty((M, rt.N), dtype=x.dtype, device=x.device)
-    if split > 1:
-        if workspace is None:
-            raise ValueError(f"{cfg.name()} splits K over {split} blocks: pass workspace(numel, counters)")
-        ws, cnt = workspace(M * rt.N, tiles)
+    if launch.workspace[0]:
+        if scratch is None:
+            raise ValueError(f"a launch that splits K over {launch.grid[1]} blocks needs its scratch")
+        ws, cnt = scratch
     else:
         ws = cnt = rt.scratch
-    group_rows = min(rt.group_size, rt.K) // CODES[rt.bits]
+    K = rt.K
     args = [_Ptr(rt.qweight.data_ptr()), _Ptr(x.data_ptr()), K, _Ptr(rt.scales.data_ptr()), _Ptr(rt.zeros.data_ptr()),
             _Ptr(bias.data_ptr() if bias is not None else 0), _Ptr(y.data_ptr()), y.stride(0),
-            _Ptr(ws.data_ptr()), _Ptr(cnt.data_ptr()), K, rt.N, group_rows, per]
-    smem = M * per * cfg.u * CODES[rt.bits] * 2  # the block's x
-    k.allow_smem(smem)
+            _Ptr(ws.data_ptr()), _Ptr(cnt.data_ptr()), K, rt.N, launch.group_rows, launch.steps]
     stream = torch.cuda.current_stream(x.device).cuda_stream
     if x.device.index is not None and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):  # the driver launches in the current device's context
-            k.launch((tiles, split), args, stream, smem, pdl)
+            launch.kernel.launch(launch.grid, args, stream, launch.smem, pdl and launch.pdl)
     else:
-        k.launch((tiles, split), args, stream, smem, pdl)
-    return y
+        launch.kernel.launch(launch.grid, args, stream, launch.smem, pdl and launch.pdl)

@@ -17,7 +17,8 @@
 // (put in that order when x is staged). One word's products
 // chain in 16 bits, then widen to float32 (as the Triton GEMV's pair path); the scale once per step.
 // The warps of a block add up through shared memory; with SPLIT the blocks of a column tile add into a
-// float32 workspace and the last one (counted) writes y, re-zeroing what it read.
+// float32 workspace and the last one (counted) writes y, re-zeroing what it read. With PDL (sm_90+) the
+// block loads its first steps of weights before it waits for the kernel launched before it.
 
 #ifndef GV_BITS
 #define GV_BITS 4
@@ -46,7 +47,7 @@
 #ifndef GV_HAS_BIAS
 #define GV_HAS_BIAS 0
 #endif
-#ifndef GV_PDL  // launched as a programmatic dependent of the kernel that gathered x: wait for it before reading x
+#ifndef GV_PDL  // sm_90+: may be launched as a programmatic dependent of the kernel before (see below)
 #define GV_PDL 0
 #endif
 
@@ -199,8 +200,13 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #pragma unroll
     for (int d = 0; d < GV_DEPTH - 1; ++d) GV_FETCH(d, d)
 
-#if GV_PDL  // the weights above do not depend on the kernel before; x does
+#if GV_PDL
+    // Launched while the kernel before may still run: the weights above are not written by it (the launcher
+    // makes sure), x and everything written below may be. Once it is done, the next launch may start in turn
+    // and load its own first weights while this one computes (at most two grids overlap: the next one waits
+    // here before it lets a third start).
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
 #endif
     // x of the block's K range into shared memory (16 bytes a thread at a time) while those loads fly
     {

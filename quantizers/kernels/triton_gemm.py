@@ -16,9 +16,12 @@ stays the export format):
   kernel ``x``'s columns are put in that order once per call by a small kernel (:func:`gather_columns`:
   1.6–2.2 µs at M ≤ 16 on an H200, against 4.5–5.1 for ``index_select``), so its tiles read contiguous
   rows as without act-order (gathering inside the dot kernel, even a tile ahead, measured 2–10× slower:
-  scattered 2-byte loads do not pipeline). On sm_90 and newer the product is launched with programmatic
-  dependent launch (:func:`pdl_runs`): the gather lets it start as its programs finish, and it waits
-  (``gdc_wait``) before reading anything, so its launch overlaps the gather's end.
+  scattered 2-byte loads do not pipeline).
+* launches overlap (sm_90 and newer, :func:`pdl_runs`): every kernel here is launched with programmatic
+  dependent launch and waits (``gdc_wait``) for the kernel before it before reading anything, so its
+  launch overlaps that kernel's end; the gather lets the product start once its stores are done. The
+  CUDA GEMV goes further: its blocks load their first weights before they wait (a weight's first
+  product is launched plainly, so whatever wrote the weights has finished: :attr:`Runtime.settled`).
 * ``scales`` (G, out) float16: the module's buffer. ``zeros`` (G, out) uint8, unpacked once (v1's
   ``zero − 1`` convention undone).
 
@@ -52,7 +55,8 @@ dtype.
   block of many warps covers 32 columns and splits its K range between its warps, which add up in
   shared memory (no split-K atomics); ``x`` waits in shared memory, the words, scales and zeros of the
   next steps in registers. Faster than ``gemv`` where one block per SM covers the GPU (4096×4096 on an
-  H200), slower elsewhere; tuning decides.
+  H200: there its first weights arrive while the kernel before it ends), slower elsewhere; tuning
+  decides.
 * ``dot`` (larger ``M``): one ``tl.dot`` (tensor cores) of (BM, BK) contiguous ``x`` with the dequantized
   (BK, BN) tile per K tile, optional split-K. At 2 and 4 bits with 16-bit ``x`` (``triton-dot-dq16``) each
   thread dequantizes runs of 8 codes it loaded itself straight into ``x``'s dtype, two codes per
@@ -301,7 +305,7 @@ def _gemv_kernel(
     CUDA-core FMAs on (BB blocks, BN columns) tiles of packed words. ``PAIRS``: one inline-PTX block per
     packed block (:func:`_block_dot`), two codes per instruction; else per code one and-or, one
     subtraction, one FMA (:func:`_code`). The scale once per block. ``GROUPING`` TILE or ELEMENT (the
-    float32 path only). ``PDL``: launched while the kernel that gathered ``x`` may still run (as in
+    float32 path only). ``PDL``: launched while the kernel before it may still run (as in
     :func:`_dot_kernel`)."""
     if PDL:
         gdc_wait()
@@ -443,8 +447,11 @@ def _half_codes(w, START: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexp
 @triton.jit
 def _gather_cols_kernel(X, stride_xm, stride_xk, PERM, Y, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """``Y[m, j] = X[m, PERM[j]]`` for one row ``m`` and ``BLOCK`` columns ``j``: program (column block, row).
-    ``PDL``: the kernel launched next (with programmatic dependent launch) may start right away; it waits for
-    this one's results itself (``gdc_wait``)."""
+    ``PDL``: launched as a programmatic dependent of the kernel before (it waits for it before reading
+    ``x``), and the kernel launched next the same way may start once this one has stored (it waits for
+    this one's results itself)."""
+    if PDL:
+        gdc_wait()
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = tl.program_id(1)
     ok = j < K
@@ -456,13 +463,13 @@ def _gather_cols_kernel(X, stride_xm, stride_xk, PERM, Y, K, BLOCK: tl.constexpr
 
 def gather_columns(x: torch.Tensor, perm: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """``x[:, perm]`` as a contiguous (M, K) tensor, by one small kernel (act-order ahead of the ``dot``
-    kernel; it runs wherever the other kernels do, interpreted included). ``pdl``: let the next kernel,
-    launched with programmatic dependent launch, start while this one runs (:func:`pdl_runs`)."""
+    kernel; it runs wherever the other kernels do, interpreted included). ``pdl``: launched with
+    programmatic dependent launch, overlapping the kernels before and after it (:func:`pdl_runs`)."""
     M, K = x.shape
     y = torch.empty((M, K), dtype=x.dtype, device=x.device)
     block = 1024
     _gather_cols_kernel[(triton.cdiv(K, block), M)](x, x.stride(0), x.stride(1), perm, y, K, BLOCK=block,
-                                                    PDL=pdl)
+                                                    PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
@@ -499,9 +506,9 @@ def _dot_kernel(
     code, :func:`_half_codes`, minus ``MAGIC | zero``): exact, no conversion unit, and Triton loads the
     runs straight into the registers ``tl.dot`` reads, where the broadcast path spreads every word over
     threads and goes through shared memory element by element. ``SWAP``: the weights are ``tl.dot``'s
-    left operand and ``y`` is accumulated transposed. ``PDL``: launched while the kernel that gathered
-    ``x`` (act-order) may still run; nothing is read before ``gdc_wait`` returns (that kernel done, its
-    writes visible), so only the launch and the program set-up overlap it."""
+    left operand and ``y`` is accumulated transposed. ``PDL``: launched while the kernel before it
+    (act-order's gather, or any other) may still run; nothing is read before ``gdc_wait`` returns (that
+    kernel done, its writes visible), so only the launch and the program set-up overlap it."""
     if PDL:
         gdc_wait()
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -660,6 +667,9 @@ class Runtime:
     key: tuple = ()
     path: str = "triton"
     plans: dict = field(default_factory=dict)  # launch plans by (rows, dtype, device, bias, config)
+    # a product has been launched on these weights without overlapping the kernel before it, so whatever
+    # wrote them has finished: from then on the CUDA GEMV may read them before it waits (see the module doc)
+    settled: bool = False
     scratch: torch.Tensor | None = None  # a float32 stand-in for the workspace when nothing is split
 
 
@@ -741,7 +751,7 @@ class Config:
     launch, as the dot kernel's always are, instead of each tile reading ``x[perm[k]]``.
     dot only: ``swap`` makes the dequantized weights the left operand of ``tl.dot`` (``y`` accumulated
     transposed), where the 16-bit path runs (else ignored).
-    cuda (:func:`cuda_config`): ``bn`` columns a block (32 × columns a thread), ``bk`` codes of ``k`` a
+    cuda (:func:`cuda.shape`): ``bn`` columns a block (32 × columns a thread), ``bk`` codes of ``k`` a
     step, ``num_warps`` warps a block, ``num_stages`` steps in flight, ``split`` K splits (0: enough blocks
     to give every SM ``warps_per_sm`` warps)."""
 
@@ -783,20 +793,15 @@ GEMV_CONFIGS = {
 
 
 # The CUDA GEMV's candidates: the fastest few of 40 shapes on an H200 at the three LLaMA-7B shapes, 2 and 4 bits
-# (sweeps/measurements/LOG.md): one block of 8 to 32 warps per 32 columns, no K split across blocks.
+# (sweeps/measurements/LOG.md): one block of 8 to 32 warps per 32 columns, no K split across blocks. With
+# overlapped launches (sm_90+) three steps ahead (x16/4) is the fastest at 4096×4096, 2 bits.
 CUDA_CONFIGS = [Config("cuda", bn=32, bk=128, num_warps=16, num_stages=2, split=1),
                 Config("cuda", bn=32, bk=128, num_warps=16, num_stages=3, split=1),
+                Config("cuda", bn=32, bk=128, num_warps=16, num_stages=4, split=1),
                 Config("cuda", bn=32, bk=64, num_warps=32, num_stages=3, split=1),
                 Config("cuda", bn=32, bk=128, num_warps=32, num_stages=2, split=1),
                 Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2, split=1),
                 Config("cuda", bn=32, bk=128, num_warps=8, num_stages=3, split=1)]
-
-
-def cuda_config(cfg: Config, bits: int) -> cuda.GemvConfig:
-    """The :class:`cuda.GemvConfig` of a ``cuda`` config at ``bits``."""
-    per = cuda.CODES[bits] if bits in cuda.CODES else 1
-    return cuda.GemvConfig(c=max(1, cfg.bn // 32), w=cfg.num_warps, u=max(1, cfg.bk // per), depth=cfg.num_stages,
-                           split=cfg.split, blocks_per_sm=max(1, cfg.warps_per_sm // cfg.num_warps))
 
 
 def default_config(M: int, bits: int, act_order: bool = False) -> Config:
@@ -910,7 +915,7 @@ PDL_CAPABILITY = (9, 0)  # griddepcontrol (programmatic dependent launch): Hoppe
 
 
 def pdl_runs(device: torch.device) -> bool:
-    """Whether act-order's gather and dot kernels overlap by programmatic dependent launch on ``device``:
+    """Whether launches overlap the kernel before them by programmatic dependent launch on ``device``:
     compiled, a GPU of compute capability 9.0 or newer, a Triton with grid dependency control, and not
     switched off (``HARNESS_KERNEL_PDL=0``)."""
     if interpreted() or device.type != "cuda" or gdc_wait is None:
@@ -993,21 +998,21 @@ class _Plan:
     workspace: tuple[int, int]  # float32 words and counters of split-K scratch; (0, 0): none
     path: str
     gather_x: bool = False  # act-order (dot kernel, or GEMV with Config.gather): x's columns sorted once per call
-    pdl: bool = False  # gather_x with programmatic dependent launch: the product starts while the gather ends
-    cuda: cuda.GemvConfig | None = None  # the CUDA GEMV runs this product (kernel, grid and fixed unused)
+    pdl: bool = False  # launched with programmatic dependent launch (sm_90+): overlaps the kernel before
+    cuda_launch: cuda.Launch | None = None  # the CUDA GEMV runs this product (kernel, grid and fixed unused)
 
 
 def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
           config: Config | None) -> _Plan:
+    pdl = pdl_runs(device)
     if config is not None and config.kernel == "cuda":
-        gcfg = cuda_config(config, rt.bits)
-        why = cuda.supports(rt, M, dtype, gcfg)
+        why = cuda.supports(rt, M, dtype, config)
         if why is None and not cuda.available(device):
             why = f"{device} (a CUDA GPU of compute capability 8.0+ with NVRTC, HARNESS_KERNEL_CUDA not 0)"
         if why is not None:
             raise ValueError(f"config {config.name()!r}: the CUDA GEMV does not take {why}")
-        act = rt.perm is not None  # x gathered first; on sm_90+ the GEMV overlaps the gather's end (PDL)
-        return _Plan(None, (), {}, (0, 0), PATHS["cuda"], act, act and pdl_runs(device), gcfg)
+        launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl)
+        return _Plan(None, (), {}, launch.workspace, PATHS["cuda"], rt.perm is not None, pdl, launch)
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
     n_tiles = triton.cdiv(N, cfg.bn)
@@ -1022,7 +1027,6 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
     # act-order: x's columns put in sorted order by gather_columns before the launch (dot; GEMV with cfg.gather),
     # else the GEMV reads x[perm[k]] as it goes
     gather_x = rt.perm is not None and (cfg.kernel == "dot" or cfg.gather)
-    pdl = gather_x and pdl_runs(device)
     fixed = dict(
         QW=rt.qweight, S=rt.scales, Z=rt.zeros, GIDX=rt.g_sorted, N=N, K=K, group_size=rt.group_size or K,
         tiles_per_split=tiles_per_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -1102,7 +1106,7 @@ def _weight_copies(rt: Runtime) -> list[Runtime]:
     try:
         while len(copies) < wanted:
             copies.append(replace(rt, qweight=rt.qweight.clone(), scales=rt.scales.clone(), zeros=rt.zeros.clone(),
-                                  plans={}))
+                                  settled=False, plans={}))
     except torch.cuda.OutOfMemoryError:
         pass
     return copies
@@ -1185,14 +1189,17 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
             rt.plans[key] = rt.plans[(M, x.dtype, x.device, bias is not None, cfg)] = plan
     if plan.gather_x:
         x = gather_columns(x, rt.perm, plan.pdl)
-    if plan.cuda is not None:
-        cuda.gemv(x, rt, bias, plan.cuda, y, lambda numel, counters: workspace(x.device, numel, counters), plan.pdl)
-        rt.path = plan.path
-        return y
     if plan.workspace[0]:
         ws, cnt = workspace(x.device, *plan.workspace)
     else:
         ws, cnt = rt.scratch, rt.g_sorted  # not read
+    if plan.cuda_launch is not None:
+        # its blocks read the weights before they wait for the kernel before them: safe once a plain launch
+        # has followed whatever wrote them (or right after the gather, which does not write them)
+        cuda.run(plan.cuda_launch, x, rt, bias, y, (ws, cnt), plan.pdl and (plan.gather_x or rt.settled))
+        rt.settled = True
+        rt.path = plan.path
+        return y
     plan.kernel[plan.grid](X=x, stride_xm=x.stride(0), stride_xk=x.stride(1), BIAS=bias if bias is not None else y,
                            Y=y, stride_ym=y.stride(0), stride_yn=y.stride(1), WS=ws, WSI=ws.view(torch.int32),
                            CNT=cnt, **plan.fixed)
