@@ -23,18 +23,23 @@ def G(c: int = 1, w: int = 8, u: int = 4, depth: int = 3, split: int = 1, bits: 
     return Config("cuda", bn=32 * c, bk=u * cuda.CODES[bits], num_warps=w, num_stages=depth, split=split, **kw)
 
 
-VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl: the tuning candidates' shapes and the tests' extremes
-    (4, G(c=1, w=16, u=16, depth=2), 1, torch.bfloat16, False, False, False),
-    (4, G(c=1, w=32, u=8, depth=3), 1, torch.bfloat16, False, True, False),
-    (2, G(c=1, w=16, u=8, depth=3, bits=2), 1, torch.bfloat16, False, False, False),
-    (2, G(c=1, w=32, u=4, depth=3, bits=2), 1, torch.float16, True, False, False),
-    (4, G(c=4, w=4, u=8, depth=2), 8, torch.bfloat16, True, True, False),
-    (2, G(c=2, w=2, u=4, depth=4, bits=2), 5, torch.float16, False, True, False),
-    (4, G(c=1, w=4, u=4, depth=1), 1, torch.float16, False, False, False),
+VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl, perm: the tuning candidates' shapes and the extremes
+    (4, G(c=1, w=16, u=16, depth=2), 1, torch.bfloat16, False, False, False, False),
+    (4, G(c=1, w=32, u=8, depth=3), 1, torch.bfloat16, False, True, False, False),
+    (2, G(c=1, w=16, u=8, depth=3, bits=2), 1, torch.bfloat16, False, False, False, False),
+    (2, G(c=1, w=32, u=4, depth=3, bits=2), 1, torch.float16, True, False, False, False),
+    (4, G(c=4, w=4, u=8, depth=2), 8, torch.bfloat16, True, True, False, False),
+    (2, G(c=2, w=2, u=4, depth=4, bits=2), 5, torch.float16, False, True, False, False),
+    (4, G(c=1, w=4, u=4, depth=1), 1, torch.float16, False, False, False, False),
     # overlapped launches (sm_90+): the weights of the first steps loaded before the wait
-    (4, G(c=1, w=16, u=16, depth=2), 1, torch.bfloat16, False, False, True),
-    (2, G(c=1, w=16, u=8, depth=4, bits=2), 1, torch.bfloat16, False, False, True),
-    (4, G(c=1, w=8, u=16, depth=3), 4, torch.float16, True, True, True),
+    (4, G(c=1, w=16, u=16, depth=2), 1, torch.bfloat16, False, False, True, False),
+    (2, G(c=1, w=16, u=8, depth=4, bits=2), 1, torch.bfloat16, False, False, True, False),
+    (4, G(c=1, w=8, u=16, depth=3), 4, torch.float16, True, True, True, False),
+    # act-order: x gathered by the block as it is staged
+    (4, G(c=1, w=16, u=16, depth=3), 1, torch.bfloat16, False, False, True, True),
+    (2, G(c=1, w=32, u=8, depth=2, bits=2), 1, torch.bfloat16, False, False, True, True),
+    (4, G(c=4, w=4, u=8, depth=2), 8, torch.float16, True, True, False, True),
+    (2, G(c=2, w=2, u=4, depth=4, bits=2), 5, torch.bfloat16, False, True, False, True),
 ]
 
 
@@ -42,17 +47,17 @@ def test_launch_shape_reads_the_config_in_the_kernels_units():
     assert cuda.shape(Config("cuda", bn=64, bk=128, num_warps=16, num_stages=3), 4) == (2, 16, 16, 3)
     assert cuda.shape(Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2), 2) == (1, 8, 8, 2)
     d = cuda.defines(2, G(c=2, w=4, u=8, depth=3, bits=2), 3, torch.float16, True, False, True)
-    assert d == dict(BITS=2, C=2, W=4, U=8, DEPTH=3, ROWS=3, F16=1, SPLIT=1, HAS_BIAS=0, PDL=1)
+    assert d == dict(BITS=2, C=2, W=4, U=8, DEPTH=3, ROWS=3, F16=1, SPLIT=1, HAS_BIAS=0, PDL=1, PERM=0)
 
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc")
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("i", range(len(VARIANTS)))
 def test_gemv_source_compiles_without_spills(arch, i, tmp_path):
-    bits, cfg, rows, dtype, split, bias, pdl = VARIANTS[i]
+    bits, cfg, rows, dtype, split, bias, pdl, perm = VARIANTS[i]
     if pdl and arch == "80":
         pytest.skip("griddepcontrol (programmatic dependent launch) is sm_90+; the launcher asks for it there only")
-    flags = [f"-DGV_{k}={v}" for k, v in cuda.defines(bits, cfg, rows, dtype, split, bias, pdl).items()]
+    flags = [f"-DGV_{k}={v}" for k, v in cuda.defines(bits, cfg, rows, dtype, split, bias, pdl, perm).items()]
     proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "k.cubin"), *flags,
                            "-Xptxas", "-v", str(cuda.SOURCE)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,7 +70,7 @@ def test_gemv_source_compiles_without_spills(arch, i, tmp_path):
 class _Rt:  # what cuda.supports and the split read of a Runtime
     def __init__(self, bits=4, K=4096, N=4096, group_size=128):
         self.bits, self.K, self.N, self.group_size = bits, K, N, group_size
-        self.qweight = torch.empty(0)
+        self.qweight, self.perm = torch.empty(0), None
 
 
 def test_supports_names_what_it_does_not_take():
@@ -79,6 +84,14 @@ def test_supports_names_what_it_does_not_take():
     assert "groups" in cuda.supports(_Rt(group_size=None), 1, torch.bfloat16, ok)
     assert cuda.supports(_Rt(group_size=4096), 1, torch.bfloat16, ok) is None  # one group
     assert "multiple of 4" in cuda.supports(_Rt(N=4098), 1, torch.bfloat16, G(c=4))
+    act = _Rt()
+    act.perm = torch.arange(4097, dtype=torch.int32)[1:]  # 4 bytes past an aligned start
+    assert "act-order permutation" in cuda.supports(act, 1, torch.bfloat16, ok)
+    act.perm = torch.arange(4096, dtype=torch.int32)
+    assert cuda.supports(act, 1, torch.bfloat16, ok) is None
+    assert cuda.supports(act, 6, torch.bfloat16, ok) is None  # 48 KiB of x: the most it copies whole
+    assert "act-order x of 7 × 4096" in cuda.supports(act, 7, torch.bfloat16, ok)
+    assert cuda.supports(act, 7, torch.bfloat16, G(c=1, w=8, u=8, depth=2, gather=True)) is None  # x gathered first
 
 
 def test_available_needs_a_cuda_device_and_can_be_turned_off(monkeypatch):
@@ -98,3 +111,7 @@ def test_split_covers_every_step_once_and_keeps_x_in_shared_memory(K, rows, spli
     steps = K // (8 * 8)
     assert (blocks - 1) * per < steps <= blocks * per  # no empty block, nothing left over
     assert rows * per * 8 * 8 * 2 <= cuda.X_SMEM
+    if rows * K * 2 <= cuda.X_SMEM // 2:  # act-order, where it runs: all of x beside the block's pairs
+        blocks, per = cuda.split_k(rt, cfg, rows, 128, 132, perm=True)
+        assert (blocks - 1) * per < steps <= blocks * per
+        assert rows * per * 8 * 8 * 2 + rows * K * 2 <= cuda.X_SMEM

@@ -144,12 +144,15 @@ class Kernel:
             self.module, self.func = ctypes.c_void_p(), ctypes.c_void_p()
             _check_cu(cu.cuModuleLoadData(ctypes.byref(self.module), cubin), "cuModuleLoadData")
             _check_cu(cu.cuModuleGetFunction(ctypes.byref(self.func), self.module, b"gemv"), "cuModuleGetFunction")
-        regs = ctypes.c_int()
+        regs, static = ctypes.c_int(), ctypes.c_int()
         _check_cu(cu.cuFuncGetAttribute(ctypes.byref(regs), 4, self.func), "cuFuncGetAttribute")  # NUM_REGS
-        self.registers, self.threads, self.smem_limit = regs.value, threads, 48 * 1024
+        _check_cu(cu.cuFuncGetAttribute(ctypes.byref(static), 1, self.func), "cuFuncGetAttribute")  # SHARED_SIZE
+        self.registers, self.threads = regs.value, threads
+        self.smem_limit = 48 * 1024 - static.value  # dynamic bytes a launch may use without asking
 
     def allow_smem(self, nbytes: int) -> None:
-        """Let a launch use ``nbytes`` of dynamic shared memory (above 48 KiB it must be asked for)."""
+        """Let a launch use ``nbytes`` of dynamic shared memory (beyond 48 KiB with the static part it must be
+        asked for)."""
         if nbytes > self.smem_limit:
             _check_cu(_open("cuda").cuFuncSetAttribute(self.func, 8, nbytes),  # MAX_DYNAMIC_SHARED_SIZE_BYTES
                       "cuFuncSetAttribute")
@@ -221,11 +224,11 @@ def shape(cfg, bits: int) -> tuple[int, int, int, int]:
 
 
 def defines(bits: int, cfg, rows: int, dtype: torch.dtype, split: bool, bias: bool,
-            pdl: bool = False) -> dict[str, int]:
+            pdl: bool = False, perm: bool = False) -> dict[str, int]:
     """The ``GV_*`` settings of one compiled variant of ``gemv.cu``."""
     c, w, u, depth = shape(cfg, bits)
     return dict(BITS=bits, C=c, W=w, U=u, DEPTH=depth, ROWS=rows, F16=int(dtype == torch.float16),
-                SPLIT=int(split), HAS_BIAS=int(bias), PDL=int(pdl))
+                SPLIT=int(split), HAS_BIAS=int(bias), PDL=int(pdl), PERM=int(perm))
 
 
 def available(device: torch.device) -> bool:
@@ -261,20 +264,27 @@ def supports(rt, M: int, dtype: torch.dtype, cfg) -> str | None:
         return f"groups that are not a multiple of {step} codes"
     if rt.N % c or rt.qweight.data_ptr() % 16:
         return f"N = {rt.N} is not a multiple of {c} (or the packed words are not 16-byte aligned)"
+    if rt.perm is not None and not cfg.gather:  # the kernel gathers x from a copy of all of it in shared memory
+        if rt.perm.data_ptr() % 16:
+            return "an act-order permutation that is not 16-byte aligned (gather x first: +g)"
+        if M * rt.K * 2 > X_SMEM // 2:
+            return (f"act-order x of {M} × {rt.K} in shared memory (at most {X_SMEM // 2} bytes; "
+                    "gather x first: +g)")
     return None
 
 
 X_SMEM = 96 * 1024  # bytes of x a block keeps in shared memory at most (more rows or K: more K splits)
 
 
-def split_k(rt, cfg, M: int, tiles: int, sms: int) -> tuple[int, int]:
+def split_k(rt, cfg, M: int, tiles: int, sms: int, perm: bool = False) -> tuple[int, int]:
     """(blocks along K, steps each) of a launch config over ``tiles`` column tiles on ``sms`` SMs:
     ``cfg.split`` splits (0: enough blocks to give every SM ``cfg.warps_per_sm`` warps), at least as
-    many as keep a block's ``x`` in shared memory, no empty block."""
+    many as keep a block's ``x`` in shared memory (``perm``: next to all of ``x``), no empty block."""
     _, w, u, _ = shape(cfg, rt.bits)
     steps = rt.K // (CODES[rt.bits] * u)
     split = cfg.split or max(1, -(-max(1, cfg.warps_per_sm // w) * sms // tiles))
-    split = max(split, -(-M * rt.K * 2 // X_SMEM))  # the block's x fits in shared memory
+    room = X_SMEM - (M * rt.K * 2 if perm else 0)  # act-order: all of x is there too
+    split = max(split, -(-M * rt.K * 2 // room))  # the block's x fits in shared memory
     split = max(1, min(split, steps))
     per = -(-steps // split)
     return -(-steps // per), per
@@ -291,35 +301,39 @@ class Launch:
     group_rows: int  # word rows a group
     workspace: tuple[int, int]  # float32 words and int32 counters of the K split's scratch; (0, 0): none
     pdl: bool  # compiled to wait (griddepcontrol): may be launched as a programmatic dependent
+    perm: bool  # act-order: the kernel reads x[perm[k]] itself
 
 
-def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool, cfg, pdl: bool) -> Launch:
+def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool, cfg, pdl: bool,
+            perm: bool = False) -> Launch:
     """The launch of ``x`` (M, K) in ``dtype`` times ``rt`` (+ bias) with launch config ``cfg`` on
     ``device``; ``ValueError`` naming the reason where the CUDA GEMV does not take it. ``pdl`` (sm_90+):
-    the variant that may overlap the kernel before it (:func:`run`)."""
+    the variant that may overlap the kernel before it (:func:`run`). ``perm`` (act-order): the kernel
+    gathers ``x[:, rt.perm]`` itself as it stages ``x`` (else the caller passes ``x`` gathered)."""
     why = supports(rt, M, dtype, cfg)
     if why:
         raise ValueError(f"the CUDA GEMV does not take {why}")
     tiles = -(-rt.N // (32 * shape(cfg, rt.bits)[0]))
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    split, per = split_k(rt, cfg, M, tiles, torch.cuda.get_device_properties(idx).multi_processor_count)
-    k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl), torch.device("cuda", idx))
-    smem = M * per * shape(cfg, rt.bits)[2] * CODES[rt.bits] * 2
+    perm = perm and rt.perm is not None
+    split, per = split_k(rt, cfg, M, tiles, torch.cuda.get_device_properties(idx).multi_processor_count, perm)
+    k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl, perm), torch.device("cuda", idx))
+    smem = M * per * shape(cfg, rt.bits)[2] * CODES[rt.bits] * 2 + (M * rt.K * 2 if perm else 0)
     k.allow_smem(smem)
     return Launch(k, (tiles, split), per, smem, min(rt.group_size, rt.K) // CODES[rt.bits],
-                  (M * rt.N, tiles) if split > 1 else (0, 0), pdl)
+                  (M * rt.N, tiles) if split > 1 else (0, 0), pdl, perm)
 
 
 def run(launch: Launch, x: torch.Tensor, rt, bias: torch.Tensor | None, y: torch.Tensor,
         scratch: tuple[torch.Tensor, torch.Tensor] | None = None, pdl: bool = False) -> None:
-    """``y`` (M, N) = ``x`` (M, K, contiguous, 16-byte aligned; act-order's gathered) times ``rt``'s weight
+    """``y`` (M, N) = ``x`` (M, K; act-order's gathered unless ``launch.perm``) times ``rt``'s weight
     plus ``bias`` (in ``x``'s dtype), on the current stream of ``x``'s device; ``scratch``: the zeroed
     (float32, int32) workspace of ``launch.workspace`` when it splits K.
 
     ``pdl`` (a launch prepared with it): launched as a programmatic dependent of the kernel before it, its
     blocks load their first weights while that kernel finishes, then wait for it (``griddepcontrol.wait``)
     before reading ``x`` or writing anything. The caller must know that kernel does not write the weights
-    (the Triton module launches a weight's first product without it)."""
+    or the permutation (the Triton module launches a weight's first product without it)."""
     if not x.is_contiguous() or x.data_ptr() % 16:  # gemv.cu reads x 16 bytes at a time
         x = x.contiguous() if not x.is_contiguous() else x.clone()
     if bias is not None:
@@ -333,7 +347,8 @@ def run(launch: Launch, x: torch.Tensor, rt, bias: torch.Tensor | None, y: torch
     K = rt.K
     args = [_Ptr(rt.qweight.data_ptr()), _Ptr(x.data_ptr()), K, _Ptr(rt.scales.data_ptr()), _Ptr(rt.zeros.data_ptr()),
             _Ptr(bias.data_ptr() if bias is not None else 0), _Ptr(y.data_ptr()), y.stride(0),
-            _Ptr(ws.data_ptr()), _Ptr(cnt.data_ptr()), K, rt.N, launch.group_rows, launch.steps]
+            _Ptr(ws.data_ptr()), _Ptr(cnt.data_ptr()), K, rt.N, launch.group_rows, launch.steps,
+            _Ptr(rt.perm.data_ptr() if launch.perm else 0)]
     stream = torch.cuda.current_stream(x.device).cuda_stream
     if x.device.index is not None and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):  # the driver launches in the current device's context

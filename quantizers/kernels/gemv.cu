@@ -18,7 +18,8 @@
 // chain in 16 bits, then widen to float32 (as the Triton GEMV's pair path); the scale once per step.
 // The warps of a block add up through shared memory; with SPLIT the blocks of a column tile add into a
 // float32 workspace and the last one (counted) writes y, re-zeroing what it read. With PDL (sm_90+) the
-// block loads its first steps of weights before it waits for the kernel launched before it.
+// block loads its first steps of weights before it waits for the kernel launched before it. With PERM
+// (act-order) the block reads x[perm[k]] for its K range as it stages x, so no gather kernel goes first.
 
 #ifndef GV_BITS
 #define GV_BITS 4
@@ -49,6 +50,9 @@
 #endif
 #ifndef GV_PDL  // sm_90+: may be launched as a programmatic dependent of the kernel before (see below)
 #define GV_PDL 0
+#endif
+#ifndef GV_PERM  // act-order: the block gathers x[perm[k]] for its K range from all of x, staged in shared memory
+#define GV_PERM 0
 #endif
 
 typedef unsigned int u32;
@@ -158,8 +162,9 @@ struct alignas(16) V4 {
 extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
     const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
-    float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split) {
-    // dynamic shared memory: the block's x, ROWS × (its word rows × XW) pairs, then the warps' partial sums
+    float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split,
+    const int* __restrict__ perm) {
+    // dynamic shared memory: the block's x, ROWS × (its word rows × XW) pairs (with PERM then all of x)
     extern __shared__ V4 smem4[];
     __shared__ float red[GV_W][GV_ROWS][32 * GV_C];
 #if GV_SPLIT
@@ -200,6 +205,17 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #pragma unroll
     for (int d = 0; d < GV_DEPTH - 1; ++d) GV_FETCH(d, d)
 
+    // x of the block's K range into shared memory while those loads fly, 8 values (16 bytes) at a time
+    const int per_row = xrows / 4;  // V4s per row
+#if GV_PERM  // act-order: x[perm[k]]; the perm of this thread's first 8 read before the wait (not written before)
+    const V4* pp = reinterpret_cast<const V4*>(perm + (size_t)s0 * GV_U * GV_CODES);
+    V4 p0{0, 0, 0, 0}, p1{0, 0, 0, 0};
+    if ((int)threadIdx.x < GV_ROWS * per_row) {
+        const int j = threadIdx.x % per_row;
+        p0 = pp[2 * j];
+        p1 = pp[2 * j + 1];
+    }
+#endif
 #if GV_PDL
     // Launched while the kernel before may still run: the weights above are not written by it (the launcher
     // makes sure), x and everything written below may be. Once it is done, the next launch may start in turn
@@ -208,18 +224,38 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
-    // x of the block's K range into shared memory (16 bytes a thread at a time) while those loads fly
-    {
-        const int per_row = xrows / 4;  // V4s per row
-        for (int i = threadIdx.x; i < GV_ROWS * per_row; i += GV_TPB) {
-            const int m = i / per_row, j = i % per_row;
-            const V4 v = reinterpret_cast<const V4*>(x + (size_t)m * ldx + (size_t)s0 * GV_U * GV_CODES)[j];
-#if GV_BITS == 4  // pairs (x_j, x_j+4) of each word row's 8, as the codes j, j + 4 lie 16 bits apart
-            smem4[i] = V4{prmt(v.a, v.c, 0x5410), prmt(v.a, v.c, 0x7632), prmt(v.b, v.d, 0x5410), prmt(v.b, v.d, 0x7632)};
-#else  // pairs (x_2i, x_2i+1) as they are
-            smem4[i] = v;
+#if GV_PERM  // all of x (ROWS × K) after the block's pairs, 16 bytes at a time: gathered from there (2-byte
+    // reads of global memory would fetch a 32-byte sector each, 16 times the bytes)
+    u16* xall = reinterpret_cast<u16*>(smem4 + GV_ROWS * per_row);
+    for (int i = threadIdx.x; i < GV_ROWS * (K / 8); i += GV_TPB) {
+        const int m = i / (K / 8), j = i % (K / 8);
+        reinterpret_cast<V4*>(xall)[i] = reinterpret_cast<const V4*>(x + (size_t)m * ldx)[j];
+    }
+    __syncthreads();
 #endif
+    for (int i = threadIdx.x; i < GV_ROWS * per_row; i += GV_TPB) {
+        const int m = i / per_row, j = i % per_row;
+#if GV_PERM
+        if (i != (int)threadIdx.x) {
+            p0 = pp[2 * j];
+            p1 = pp[2 * j + 1];
         }
+        const u16* xm = xall + (size_t)m * K;
+        const u32 v0 = xm[p0.a], v1 = xm[p0.b], v2 = xm[p0.c], v3 = xm[p0.d];
+        const u32 v4 = xm[p1.a], v5 = xm[p1.b], v6 = xm[p1.c], v7 = xm[p1.d];
+#if GV_BITS == 4  // pairs (x_j, x_j+4), as below
+        smem4[i] = V4{v0 | v4 << 16, v1 | v5 << 16, v2 | v6 << 16, v3 | v7 << 16};
+#else
+        smem4[i] = V4{v0 | v1 << 16, v2 | v3 << 16, v4 | v5 << 16, v6 | v7 << 16};
+#endif
+#else
+        const V4 v = reinterpret_cast<const V4*>(x + (size_t)m * ldx + (size_t)s0 * GV_U * GV_CODES)[j];
+#if GV_BITS == 4  // pairs (x_j, x_j+4) of each word row's 8, as the codes j, j + 4 lie 16 bits apart
+        smem4[i] = V4{prmt(v.a, v.c, 0x5410), prmt(v.a, v.c, 0x7632), prmt(v.b, v.d, 0x5410), prmt(v.b, v.d, 0x7632)};
+#else  // pairs (x_2i, x_2i+1) as they are
+        smem4[i] = v;
+#endif
+#endif
     }
     __syncthreads();
 

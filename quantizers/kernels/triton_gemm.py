@@ -753,7 +753,8 @@ class Config:
     transposed), where the 16-bit path runs (else ignored).
     cuda (:func:`cuda.shape`): ``bn`` columns a block (32 × columns a thread), ``bk`` codes of ``k`` a
     step, ``num_warps`` warps a block, ``num_stages`` steps in flight, ``split`` K splits (0: enough blocks
-    to give every SM ``warps_per_sm`` warps)."""
+    to give every SM ``warps_per_sm`` warps); under act-order the kernel reads ``x[perm[k]]`` as it stages
+    ``x`` unless ``gather``."""
 
     kernel: str = "gemv"
     bn: int = 128
@@ -776,7 +777,8 @@ class Config:
             flags += "+g" if self.gather else ""
             return f"gemv n{self.bn} k{self.bk} {split} x{self.num_warps}{flags}"
         if self.kernel == "cuda":
-            return f"cuda n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}"
+            gather = "+g" if self.gather else ""
+            return f"cuda n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{gather}"
         swap = "+sw" if self.swap else ""
         return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{swap}"
 
@@ -1011,8 +1013,9 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
             why = f"{device} (a CUDA GPU of compute capability 8.0+ with NVRTC, HARNESS_KERNEL_CUDA not 0)"
         if why is not None:
             raise ValueError(f"config {config.name()!r}: the CUDA GEMV does not take {why}")
-        launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl)
-        return _Plan(None, (), {}, launch.workspace, PATHS["cuda"], rt.perm is not None, pdl, launch)
+        gather_x = rt.perm is not None and config.gather  # else the kernel gathers x as it stages it
+        launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl, perm=not gather_x)
+        return _Plan(None, (), {}, launch.workspace, PATHS["cuda"], gather_x, pdl, launch)
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
     n_tiles = triton.cdiv(N, cfg.bn)
