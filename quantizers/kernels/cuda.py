@@ -6,7 +6,8 @@ or build step at install time.
 shared memory) and :func:`run` launches it with the call's tensors: ``x`` (up to :data:`MAX_ROWS` rows,
 float16 / bfloat16) times a packed weight in the Triton module's
 :class:`~quantizers.kernels.triton_gemm.Runtime` layout (2 or 4 bits, regular groups, codes in sorted
-order; act-order's ``x`` is gathered by the caller). :func:`supports` says where it runs. A launch shape
+order; under act-order the kernel reads ``x[perm[k]]`` itself, or the caller passes ``x`` gathered).
+:func:`supports` says where it runs. A launch shape
 is the Triton module's ``Config`` with ``kernel="cuda"`` (read here by its fields, see :func:`defines`).
 Compiled kernels are kept per process and, as cubins, on disk under ``$HARNESS_CACHE/cuda`` (default
 ``~/.cache/quant-harness/cuda``). ``HARNESS_KERNEL_CUDA=0`` turns the path off.
@@ -200,9 +201,14 @@ class _Ptr(int):
 _KERNELS: dict[tuple, Kernel] = {}
 
 
+def _index(device: torch.device) -> int:
+    """``device``'s CUDA index (the current device for a bare ``cuda``)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def kernel(defines: dict[str, int], device: torch.device) -> Kernel:
     """The variant ``defines`` loaded on ``device`` (compiled, or read from the disk cache, on first use)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = _index(device)
     key = (tuple(sorted(defines.items())), idx)
     k = _KERNELS.get(key)
     if k is None:
@@ -238,8 +244,7 @@ def available(device: torch.device) -> bool:
         return False
     if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip:
         return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if torch.cuda.get_device_capability(idx) < MIN_CAPABILITY:
+    if torch.cuda.get_device_capability(_index(device)) < MIN_CAPABILITY:
         return False
     try:
         _open("cuda")
@@ -297,7 +302,7 @@ class Launch:
     kernel: Kernel
     grid: tuple[int, int]  # (column tiles, K splits)
     steps: int  # steps of K a block covers
-    smem: int  # bytes of dynamic shared memory: the block's x
+    smem: int  # bytes of dynamic shared memory: the block's x (with perm, all of x after it)
     group_rows: int  # word rows a group
     workspace: tuple[int, int]  # float32 words and int32 counters of the K split's scratch; (0, 0): none
     pdl: bool  # compiled to wait (griddepcontrol): may be launched as a programmatic dependent
@@ -307,14 +312,17 @@ class Launch:
 def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool, cfg, pdl: bool,
             perm: bool = False) -> Launch:
     """The launch of ``x`` (M, K) in ``dtype`` times ``rt`` (+ bias) with launch config ``cfg`` on
-    ``device``; ``ValueError`` naming the reason where the CUDA GEMV does not take it. ``pdl`` (sm_90+):
+    ``device``; ``ValueError`` naming the reason where the CUDA GEMV does not take it (:func:`supports`,
+    or a device it cannot run on: :func:`available`). ``pdl`` (sm_90+):
     the variant that may overlap the kernel before it (:func:`run`). ``perm`` (act-order): the kernel
     gathers ``x[:, rt.perm]`` itself as it stages ``x`` (else the caller passes ``x`` gathered)."""
     why = supports(rt, M, dtype, cfg)
+    if why is None and not available(device):
+        why = f"{device} (a CUDA GPU of compute capability 8.0+ with NVRTC, HARNESS_KERNEL_CUDA not 0)"
     if why:
         raise ValueError(f"the CUDA GEMV does not take {why}")
     tiles = -(-rt.N // (32 * shape(cfg, rt.bits)[0]))
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = _index(device)
     perm = perm and rt.perm is not None
     split, per = split_k(rt, cfg, M, tiles, torch.cuda.get_device_properties(idx).multi_processor_count, perm)
     k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl, perm), torch.device("cuda", idx))
@@ -327,7 +335,8 @@ def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool
 def run(launch: Launch, x: torch.Tensor, rt, bias: torch.Tensor | None, y: torch.Tensor,
         scratch: tuple[torch.Tensor, torch.Tensor] | None = None, pdl: bool = False) -> None:
     """``y`` (M, N) = ``x`` (M, K; act-order's gathered unless ``launch.perm``) times ``rt``'s weight
-    plus ``bias`` (in ``x``'s dtype), on the current stream of ``x``'s device; ``scratch``: the zeroed
+    plus ``bias`` (in ``x``'s dtype), on the current stream; ``x``'s device must be the current one (the
+    Triton module's ``matmul`` makes it so for every kernel); ``scratch``: the zeroed
     (float32, int32) workspace of ``launch.workspace`` when it splits K.
 
     ``pdl`` (a launch prepared with it): launched as a programmatic dependent of the kernel before it, its
@@ -349,9 +358,5 @@ def run(launch: Launch, x: torch.Tensor, rt, bias: torch.Tensor | None, y: torch
             _Ptr(bias.data_ptr() if bias is not None else 0), _Ptr(y.data_ptr()), y.stride(0),
             _Ptr(ws.data_ptr()), _Ptr(cnt.data_ptr()), K, rt.N, launch.group_rows, launch.steps,
             _Ptr(rt.perm.data_ptr() if launch.perm else 0)]
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    if x.device.index is not None and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):  # the driver launches in the current device's context
-            launch.kernel.launch(launch.grid, args, stream, launch.smem, pdl and launch.pdl)
-    else:
-        launch.kernel.launch(launch.grid, args, stream, launch.smem, pdl and launch.pdl)
+    launch.kernel.launch(launch.grid, args, torch.cuda.current_stream().cuda_stream, launch.smem,
+                         pdl and launch.pdl)

@@ -1008,13 +1008,11 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
           config: Config | None) -> _Plan:
     pdl = pdl_runs(device)
     if config is not None and config.kernel == "cuda":
-        why = cuda.supports(rt, M, dtype, config)
-        if why is None and not cuda.available(device):
-            why = f"{device} (a CUDA GPU of compute capability 8.0+ with NVRTC, HARNESS_KERNEL_CUDA not 0)"
-        if why is not None:
-            raise ValueError(f"config {config.name()!r}: the CUDA GEMV does not take {why}")
         gather_x = rt.perm is not None and config.gather  # else the kernel gathers x as it stages it
-        launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl, perm=not gather_x)
+        try:
+            launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl, perm=not gather_x)
+        except ValueError as exc:  # what it does not take, or a device it cannot run on
+            raise ValueError(f"config {config.name()!r}: {exc}") from None
         return _Plan(None, (), {}, launch.workspace, PATHS["cuda"], gather_x, pdl, launch)
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
