@@ -115,3 +115,18 @@ def test_split_covers_every_step_once_and_keeps_x_in_shared_memory(K, rows, spli
         blocks, per = cuda.split_k(rt, cfg, rows, 128, 132, perm=True)
         assert (blocks - 1) * per < steps <= blocks * per
         assert rows * per * 8 * 8 * 2 + rows * K * 2 <= cuda.X_SMEM
+
+
+def test_launch_parameters_follow_the_kernels_signature():
+    """The C values a launch passes (``Params.KINDS``: p an address, i an int) against ``gemv``'s parameter
+    list in gemv.cu, one by one: a slot off would hand the kernel a pointer as an int or the reverse."""
+    src = cuda.SOURCE.read_text()
+    params = re.search(r'extern "C" __global__ void __launch_bounds__\(\w+\) gemv\((.*?)\)\s*\{', src, re.S).group(1)
+    kinds = "".join("p" if "*" in p else "i" if re.match(r"\s*int\s", p) else "?" for p in params.split(","))
+    assert kinds == cuda.Params.KINDS, (kinds, cuda.Params.KINDS)
+    p = cuda.Params()
+    values = [16 * (i + 1) for i in range(len(kinds))]
+    p.fill(values)
+    assert [v.value for v in p.values] == values and len(p.array) == len(kinds)
+    with pytest.raises(ValueError):  # one value too many or too few is an error, not a shifted launch
+        p.fill(values + [0])

@@ -215,6 +215,7 @@ def tiny_model_logits(device: str = "cpu", dtype: torch.dtype = torch.float32) -
 
 def compiled_results(out: str) -> None:
     """(child, kernels compiled) LLaMA-7B shapes on CUDA through the default configs."""
+    from quantizers import kernels
     from quantizers.kernels import triton_gemm as tg
 
     assert not tg.interpreted(), "the kernels are interpreted"
@@ -235,16 +236,17 @@ def compiled_results(out: str) -> None:
     results["pdl"] = pdl_results()
     results["overlap"] = overlap_results()
     results["cuda"] = cuda_gemv_results()
+    results["direct"] = direct_results()
     dev = torch.device("cuda")
     gate = {"bf16-4": tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), dev),
             "fp16-4": tg.pair_path_runs(torch.float16, 4, int(tg.TILE), dev),
             "bf16-8": tg.pair_path_runs(torch.bfloat16, 8, int(tg.TILE), dev),
             "bf16-4-element": tg.pair_path_runs(torch.bfloat16, 4, int(tg.ELEMENT), dev)}
     idx = torch.cuda.current_device()
-    real = tg._DEVICES[idx]
-    tg._DEVICES[idx] = replace(real, capability=(7, 5))  # a Turing card: no fma.rn.bf16x2
+    real = kernels.gpu(dev)
+    kernels._GPUS[idx] = replace(real, capability=(7, 5))  # a Turing card: no fma.rn.bf16x2
     gate["sm75"] = tg.pair_path_runs(torch.bfloat16, 4, int(tg.TILE), dev)
-    tg._DEVICES[idx] = real
+    kernels._GPUS[idx] = real
     results["gate"] = gate | {"capability": torch.cuda.get_device_capability(idx)}
     torch.save(results, out)
 
@@ -351,6 +353,59 @@ CUDA_RUNS = [  # (bits, K, N, group size, act-order), rows, dtype, bias, config 
     ((2, 4096, 11008, 128, False), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=32, num_stages=2, split=1)),
     ((2, 2048, 512, 2048, False), 2, torch.bfloat16, True, dict(bn=128, bk=128, num_warps=8, num_stages=2, split=2)),
 ]
+
+
+def counted(kernel, entered: list[int]):
+    """``kernel``'s Triton entry (``JITFunction.run``), appending to ``entered`` on each call."""
+    run = type(kernel).run.__get__(kernel)
+
+    def entry(*args, **kwargs):
+        entered.append(1)
+        return run(*args, **kwargs)
+
+    return entry
+
+
+def direct_results() -> dict:
+    """Products through Triton's launcher directly after the first call of each kind: fresh inputs, then
+    ``x`` off 16-byte alignment and with a padded row stride (new kinds: through Triton again), then
+    aligned again; Triton's own entry is counted to show which calls went where."""
+    from quantizers.kernels import triton_gemm as tg
+
+    out = {}
+    for label, (M, act, bias) in {"gemv": (1, False, False), "gemv-act": (1, True, True), "dot": (16, False, True),
+                                  "dot-act": (4, True, False)}.items():
+        res, _ = gpu_inputs(4, 4096, 4096, 128, act, M, torch.bfloat16)
+        b = torch.randn(4096, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16) if bias else None
+        m = module_of(res, b, torch.bfloat16).cuda()
+        rt = tg.runtime_of(m)
+        cfg = tg.default_config(M, 4, act)
+        kernel = tg._dot_kernel if cfg.kernel == "dot" else tg._gemv_kernel
+        entered: list[int] = []
+        kernel.run = counted(kernel, entered)
+        try:
+            xs = [torch.randn(M, 4096, generator=torch.Generator().manual_seed(10 + i)).to(torch.bfloat16)
+                  for i in range(5)]
+            ys, counts = [], []
+            for i, x in enumerate(xs):
+                if i == 2:  # off alignment: a view one element into a buffer
+                    buf = torch.empty(M * 4096 + 8, dtype=torch.bfloat16, device="cuda")
+                    xc = buf[1:1 + M * 4096].view(M, 4096)
+                    xc.copy_(x)
+                elif i == 3:  # a padded row stride
+                    xc = torch.zeros(M, 4096 + 8, dtype=torch.bfloat16, device="cuda")[:, :4096]
+                    xc.copy_(x)
+                else:
+                    xc = x.cuda()
+                ys.append(tg.matmul(xc, rt, m.bias, cfg).cpu())
+                counts.append(len(entered))
+            again = tg.matmul(xs[0].cuda(), rt, m.bias, cfg).cpu()
+        finally:
+            del kernel.run
+        plan = next(p for p in rt.plans.values())
+        out[label] = {"x": xs, "y": ys, "again": again, "entered": counts, "kinds": len(plan.launch.compiled),
+                      "path": rt.path, "split": plan.workspace[0] > 0, "gather": plan.gather_x}
+    return out
 
 
 def cuda_gemv_results() -> dict:
@@ -576,6 +631,67 @@ print(json.dumps({{"ok": True}}))
         assert "STACK:0 " in usage and "LOCAL:0 " in usage, usage
 
 
+def direct_plan_results(out: str) -> None:
+    """(child, kernels compiled, no GPU needed) the direct launches' argument lists for plans of both Triton
+    kernels, and Triton's own specialisation of the per-call ints next to :func:`tg._spec`."""
+    import inspect
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from quantizers.kernels import triton_gemm as tg
+
+    assert not tg.interpreted()
+    results = {"plans": {}}
+    cases = {"gemv": (1, False, tg.Config("gemv", bn=128, bk=64, num_warps=4)), "gemv-act": (1, True, None),
+             "dot": (16, False, None), "dot-act-bias": (5, True, None)}
+    for label, (M, act, cfg) in cases.items():
+        res, x = gpu_inputs(4, 512, 256, 128, act, M, torch.bfloat16)
+        b = torch.randn(256).to(torch.bfloat16) if "bias" in label else None
+        rt = tg.runtime_of(module_of(res, b, torch.bfloat16))
+        plan = tg._plan(rt, M, torch.bfloat16, torch.device("cpu"), b is not None, cfg or tg.default_config(M, 4, act))
+        y = torch.empty(M, 256, dtype=torch.bfloat16)
+        ws, wsi, cnt = plan.scratch
+        call = (x, x.stride(0), x.stride(1), b if b is not None else y, y, y.stride(0), y.stride(1), ws, wsi, cnt)
+        direct = plan.launch.arguments(call) if isinstance(plan.launch, tg._Direct) else None
+        # what Triton's binder does with the same keywords: bind to the signature, options apart
+        options = {k: v for k, v in plan.fixed.items() if k not in plan.kernel.arg_names}
+        kwargs = {k: v for k, v in plan.fixed.items() if k in plan.kernel.arg_names}
+        bound = inspect.signature(plan.kernel.fn).bind(**kwargs, **dict(zip(tg.CALL_ARGS, call, strict=True)))
+        bound.apply_defaults()
+        same = direct is not None and len(direct) == len(bound.arguments) and all(
+            a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+            for a, b in zip(direct, bound.arguments.values(), strict=True))
+        results["plans"][label] = {"direct": direct is not None, "same": same, "options": sorted(options),
+                                   "kernel": plan.kernel.fn.__name__}
+    ints = [0, 1, 2, 15, 16, 17, 31, 32, 576, 4096, 4104, 11008, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**32,
+            2**32 + 1, 2**63 - 16, 2**63, 2**63 + 16, -1, -16]
+    results["ints"] = [(v, tg._spec(v), native_specialize_impl(BaseBackend, v, False, True, True)) for v in ints]
+    torch.save(results, out)
+
+
+@pytest.fixture(scope="module")
+def direct_plans(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_child("test_kernels", "direct_plan_results", tmp_path_factory.mktemp("direct") / "d.pt", False, 300)
+
+
+def test_direct_launch_passes_triton_the_arguments_its_binder_would(direct_plans):
+    plans = direct_plans["plans"]
+    assert {p["kernel"] for p in plans.values()} == {"_gemv_kernel", "_dot_kernel"}
+    for label, p in plans.items():
+        assert p["direct"] and p["same"], label  # every argument, in the kernel's order
+        assert set(p["options"]) <= {"num_warps", "num_stages", "launch_pdl"}, label  # launch options, not arguments
+
+
+def test_direct_launch_kinds_are_no_coarser_than_tritons_specialisation(direct_plans):
+    """Two per-call ints of one kind (``_spec``) must specialise alike in Triton, or a direct launch could run
+    a kernel compiled for other values."""
+    seen: dict[int, tuple] = {}
+    for v, kind, native in direct_plans["ints"]:
+        assert seen.setdefault(kind, native) == native, (v, kind, native, seen[kind])
+    assert len(seen) >= 5  # 1, multiples of 16, others, and the 64-bit widths apart
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
@@ -681,3 +797,25 @@ def test_cuda_gemv_matches_dequantize_then_matmul(compiled, i):
         assert torch.equal(run["y"], run["again"])
     else:
         assert rel_err(run["again"], run["y"].float()) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("label", ["gemv", "gemv-act", "dot", "dot-act"])
+def test_direct_launches_match_dequantize_then_matmul(compiled, label):
+    run = compiled["direct"][label]
+    M, act, bias = {"gemv": (1, False, False), "gemv-act": (1, True, True), "dot": (16, False, True),
+                    "dot-act": (4, True, False)}[label]
+    res, _ = gpu_inputs(4, 4096, 4096, 128, act, M, torch.bfloat16)
+    b = torch.randn(4096, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16) if bias else None
+    for x, y in zip(run["x"], run["y"], strict=True):
+        assert rel_err(y, reference(res, x, b)) < TOL[torch.bfloat16]
+    # Triton entered for the first call and for each new kind (x off alignment; a row stride off 16) only; the
+    # fifth, aligned again, went straight to the launcher. Where x is gathered first, the product always
+    # reads the gather's fresh contiguous copy: one kind
+    assert run["entered"] == ([1] * 5 if run["gather"] else [1, 1, 2, 3, 3]), run["entered"]
+    assert run["kinds"] == (1 if run["gather"] else 3)
+    assert run["gather"] == (label == "dot-act")
+    if not run["split"]:  # the same sums in the same order, whichever way it was launched
+        assert torch.equal(run["again"], run["y"][0])
+    else:
+        assert rel_err(run["again"], run["y"][0].float()) < 1e-3

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from quantizers.kernels import current_stream, gpu
+
 SOURCE = Path(__file__).with_name("gemv.cu")
 BITS = (2, 4)  # widths gemv.cu multiplies (a run of codes per byte: 2 or 4 bits)
 MAX_ROWS = 8  # rows of x one launch takes (the dequantized pairs are reused across them)
@@ -159,21 +161,41 @@ class Kernel:
                       "cuFuncSetAttribute")
             self.smem_limit = nbytes
 
-    def launch(self, grid: tuple[int, int], args: list, stream: int, smem: int = 0, pdl: bool = False) -> None:
-        """Launch on ``stream``; ``pdl``: as a programmatic dependent of the kernel before it (which lets it
-        start early; the kernel waits with ``griddepcontrol.wait`` before it reads that kernel's output)."""
-        holders = [ctypes.c_void_p(a) if isinstance(a, _Ptr) else ctypes.c_int(a) for a in args]
-        params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
+    def launch(self, grid: tuple[int, int], params: Params, stream: int, smem: int = 0, pdl: bool = False) -> None:
+        """Launch with ``params`` on ``stream``; ``pdl``: as a programmatic dependent of the kernel before it
+        (which lets it start early; the kernel waits with ``griddepcontrol.wait`` before it reads that
+        kernel's output)."""
         cu = _open("cuda")
         if not pdl:
             _check_cu(cu.cuLaunchKernel(self.func, grid[0], grid[1], 1, self.threads, 1, 1, smem,
-                                        ctypes.c_void_p(stream), params, None), "cuLaunchKernel")
+                                        ctypes.c_void_p(stream), params.array, None), "cuLaunchKernel")
             return
-        attr = _LaunchAttr(id=PROGRAMMATIC_STREAM_SERIALIZATION)
-        attr.val.value = 1
-        cfg = _LaunchConfig(grid[0], grid[1], 1, self.threads, 1, 1, smem, ctypes.c_void_p(stream),
-                            ctypes.pointer(attr), 1)
-        _check_cu(cu.cuLaunchKernelEx(ctypes.byref(cfg), self.func, params, None), "cuLaunchKernelEx")
+        cfg = params.config
+        cfg.gridDimX, cfg.gridDimY, cfg.blockDimX, cfg.sharedMemBytes = grid[0], grid[1], self.threads, smem
+        cfg.hStream = stream
+        _check_cu(cu.cuLaunchKernelEx(ctypes.byref(cfg), self.func, params.array, None), "cuLaunchKernelEx")
+
+
+class Params:
+    """The kernel's parameters as C values with the array of their addresses that a launch passes, built
+    once per :class:`Launch` (building them per call cost more than the rest of a launch); :meth:`fill`
+    sets them, a lock keeps concurrent callers of one launch from filling each other's."""
+
+    # gemv's parameters: p a device address, i a C int
+    KINDS = "ppippppipp" + "iiiip"
+
+    def __init__(self) -> None:
+        self.values = [ctypes.c_void_p() if k == "p" else ctypes.c_int() for k in self.KINDS]
+        self.array = (ctypes.c_void_p * len(self.values))(
+            *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in self.values])
+        self.attr = _LaunchAttr(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+        self.attr.val.value = 1
+        self.config = _LaunchConfig(gridDimZ=1, blockDimY=1, blockDimZ=1, attrs=ctypes.pointer(self.attr), numAttrs=1)
+        self.lock = threading.Lock()
+
+    def fill(self, args) -> None:
+        for holder, value in zip(self.values, args, strict=True):
+            holder.value = value
 
 
 class _LaunchAttrValue(ctypes.Union):
@@ -194,27 +216,17 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
-class _Ptr(int):
-    """A device address among a launch's arguments (the others are C ints)."""
-
-
 _KERNELS: dict[tuple, Kernel] = {}
-
-
-def _index(device: torch.device) -> int:
-    """``device``'s CUDA index (the current device for a bare ``cuda``)."""
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def kernel(defines: dict[str, int], device: torch.device) -> Kernel:
     """The variant ``defines`` loaded on ``device`` (compiled, or read from the disk cache, on first use)."""
-    idx = _index(device)
-    key = (tuple(sorted(defines.items())), idx)
+    facts = gpu(device)
+    key = (tuple(sorted(defines.items())), facts.index)
     k = _KERNELS.get(key)
     if k is None:
-        props = torch.cuda.get_device_properties(idx)
-        cubin = _cubin(defines, (props.major, props.minor))
-        k = _KERNELS[key] = Kernel(cubin, torch.device("cuda", idx), 32 * defines["W"])
+        cubin = _cubin(defines, facts.capability)
+        k = _KERNELS[key] = Kernel(cubin, torch.device("cuda", facts.index), 32 * defines["W"])
     return k
 
 
@@ -244,7 +256,7 @@ def available(device: torch.device) -> bool:
         return False
     if device.type != "cuda" or not torch.cuda.is_available() or torch.version.hip:
         return False
-    if torch.cuda.get_device_capability(_index(device)) < MIN_CAPABILITY:
+    if gpu(device).capability < MIN_CAPABILITY:
         return False
     try:
         _open("cuda")
@@ -307,6 +319,7 @@ class Launch:
     workspace: tuple[int, int]  # float32 words and int32 counters of the K split's scratch; (0, 0): none
     pdl: bool  # compiled to wait (griddepcontrol): may be launched as a programmatic dependent
     perm: bool  # act-order: the kernel reads x[perm[k]] itself
+    params: Params  # the kernel's parameters, filled per call
 
 
 def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool, cfg, pdl: bool,
@@ -322,14 +335,13 @@ def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool
     if why:
         raise ValueError(f"the CUDA GEMV does not take {why}")
     tiles = -(-rt.N // (32 * shape(cfg, rt.bits)[0]))
-    idx = _index(device)
     perm = perm and rt.perm is not None
-    split, per = split_k(rt, cfg, M, tiles, torch.cuda.get_device_properties(idx).multi_processor_count, perm)
-    k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl, perm), torch.device("cuda", idx))
+    split, per = split_k(rt, cfg, M, tiles, gpu(device).sms, perm)
+    k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl, perm), device)
     smem = M * per * shape(cfg, rt.bits)[2] * CODES[rt.bits] * 2 + (M * rt.K * 2 if perm else 0)
     k.allow_smem(smem)
     return Launch(k, (tiles, split), per, smem, min(rt.group_size, rt.K) // CODES[rt.bits],
-                  (M * rt.N, tiles) if split > 1 else (0, 0), pdl, perm)
+                  (M * rt.N, tiles) if split > 1 else (0, 0), pdl, perm, Params())
 
 
 def run(launch: Launch, x: torch.Tensor, rt, bias: torch.Tensor | None, y: torch.Tensor,
@@ -354,9 +366,10 @@ def run(launch: Launch, x: torch.Tensor, rt, bias: torch.Tensor | None, y: torch
     else:
         ws = cnt = rt.scratch
     K = rt.K
-    args = [_Ptr(rt.qweight.data_ptr()), _Ptr(x.data_ptr()), K, _Ptr(rt.scales.data_ptr()), _Ptr(rt.zeros.data_ptr()),
-            _Ptr(bias.data_ptr() if bias is not None else 0), _Ptr(y.data_ptr()), y.stride(0),
-            _Ptr(ws.data_ptr()), _Ptr(cnt.data_ptr()), K, rt.N, launch.group_rows, launch.steps,
-            _Ptr(rt.perm.data_ptr() if launch.perm else 0)]
-    launch.kernel.launch(launch.grid, args, torch.cuda.current_stream().cuda_stream, launch.smem,
-                         pdl and launch.pdl)
+    args = (rt.qweight.data_ptr(), x.data_ptr(), K, rt.scales.data_ptr(), rt.zeros.data_ptr(),
+            bias.data_ptr() if bias is not None else 0, y.data_ptr(), y.stride(0), ws.data_ptr(), cnt.data_ptr(),
+            K, rt.N, launch.group_rows, launch.steps, rt.perm.data_ptr() if launch.perm else 0)
+    stream = current_stream(x.get_device())
+    with launch.params.lock:
+        launch.params.fill(args)
+        launch.kernel.launch(launch.grid, launch.params, stream, launch.smem, pdl and launch.pdl)

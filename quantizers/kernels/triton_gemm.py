@@ -90,10 +90,15 @@ import torch
 import triton
 import triton.language as tl
 
-from quantizers.kernels import cuda, l2_copies, ptx
+from quantizers.kernels import cuda, current_stream, gpu, l2_copies, ptx
 from quantizers.kernels.ptx import PAIR_BITS, RUN_CONSTRAINTS, pair_asm, pair_constraints, run_asm
 from quantizers.pack import unpack_rows
 from quantizers.qlinear import Backend, QuantLinear, register_backend
+
+try:  # the launch hooks Triton passes to a kernel's launcher (Triton 3.3 and newer); else no direct launches
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover
+    _knobs = None
 
 try:  # grid dependency control (programmatic dependent launch, sm_90+): Triton 3.3 and newer
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -467,10 +472,18 @@ def gather_columns(x: torch.Tensor, perm: torch.Tensor, pdl: bool = False) -> to
     programmatic dependent launch, overlapping the kernels before and after it (:func:`pdl_runs`)."""
     M, K = x.shape
     y = torch.empty((M, K), dtype=x.dtype, device=x.device)
-    block = 1024
-    _gather_cols_kernel[(triton.cdiv(K, block), M)](x, x.stride(0), x.stride(1), perm, y, K, BLOCK=block,
-                                                    PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+    key = (M, K, pdl, x.device)
+    launch = _GATHERS.get(key)
+    if launch is None:
+        fixed = dict(K=K, BLOCK=GATHER_BLOCK, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+        launch = _GATHERS[key] = launcher(_gather_cols_kernel, (triton.cdiv(K, GATHER_BLOCK), M), fixed,
+                                          ("X", "stride_xm", "stride_xk", "PERM", "Y"))
+    launch((x, x.stride(0), x.stride(1), perm, y))
     return y
+
+
+GATHER_BLOCK = 1024  # columns a program of the gather
+_GATHERS: dict[tuple, _ThroughTriton] = {}  # the gather's launches by (rows, K, overlapped, device)
 
 
 @triton.jit
@@ -880,28 +893,13 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
     return list(dict.fromkeys(out))
 
 
-@dataclass(frozen=True)
-class _Device:
-    sms: int
-    capability: tuple[int, int]
-
-
-_DEVICES: dict[int, _Device] = {}  # by CUDA device index: what the plans need to know of a GPU
-_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _device(device: torch.device) -> _Device:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _DEVICES:
-        props = torch.cuda.get_device_properties(idx)
-        _DEVICES[idx] = _Device(props.multi_processor_count, (props.major, props.minor))
-    return _DEVICES[idx]
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few programs, so that split-K is exercised
-    return _device(device).sms
+    return gpu(device).sms
 
 
 def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.device) -> bool:
@@ -910,7 +908,7 @@ def pair_path_runs(dtype: torch.dtype, bits: int, grouping: int, device: torch.d
     (``fma.rn.bf16x2``: compute capability 8.0 or newer)."""
     if dtype != torch.bfloat16 or bits not in PAIR_BITS or grouping != int(TILE) or interpreted():
         return False
-    return device.type == "cuda" and _device(device).capability >= ptx.MIN_CAPABILITY
+    return device.type == "cuda" and gpu(device).capability >= ptx.MIN_CAPABILITY
 
 
 PDL_CAPABILITY = (9, 0)  # griddepcontrol (programmatic dependent launch): Hopper and newer
@@ -924,7 +922,7 @@ def pdl_runs(device: torch.device) -> bool:
         return False
     if os.environ.get("HARNESS_KERNEL_PDL", "1") in ("0", "false", "no"):
         return False
-    return _device(device).capability >= PDL_CAPABILITY
+    return gpu(device).capability >= PDL_CAPABILITY
 
 
 def magic_bits(dtype: torch.dtype, bits: int, grouping: int) -> int:
@@ -938,19 +936,24 @@ def magic_bits(dtype: torch.dtype, bits: int, grouping: int) -> int:
     return magic if bits in DQ16_BITS and grouping == int(TILE) else 0
 
 
-def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed float32 (≥ numel,) and int32 (≥ counters,) scratch for split-K on ``device``'s current
-    stream; kernels leave both zero again, so they are allocated once and reused."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    ws, cnt = _WORKSPACE.get(key, (None, None))
+def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zeroed float32 (≥ numel,) scratch, the same as int32, and zeroed int32 (≥ counters,) counters for
+    split-K on ``device``'s current stream; kernels leave them zero again, so they are allocated once and
+    reused."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        key = (idx, current_stream(idx))
+    else:
+        key = (device.type, 0)
+    ws, wsi, cnt = _WORKSPACE.get(key, (None, None, None))
     if ws is None or ws.numel() < numel or cnt.numel() < counters:
         size = max(numel, 0 if ws is None else ws.numel())
         ncnt = max(counters, 0 if cnt is None else cnt.numel())
         ws = torch.zeros(size, dtype=torch.float32, device=device)
         cnt = torch.zeros(ncnt, dtype=torch.int32, device=device)
-        _WORKSPACE[key] = (ws, cnt)
-    return ws, cnt
+        wsi = ws.view(torch.int32)
+        _WORKSPACE[key] = (ws, wsi, cnt)
+    return ws, wsi, cnt
 
 
 def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
@@ -1002,6 +1005,86 @@ class _Plan:
     gather_x: bool = False  # act-order (dot kernel, or GEMV with Config.gather): x's columns sorted once per call
     pdl: bool = False  # launched with programmatic dependent launch (sm_90+): overlaps the kernel before
     cuda_launch: cuda.Launch | None = None  # the CUDA GEMV runs this product (kernel, grid and fixed unused)
+    scratch: tuple = ()  # (float32, int32, counters) stand-ins for the workspace when nothing is split (not read)
+    launch: _ThroughTriton | None = None  # the Triton kernel's launches (None: the CUDA GEMV's)
+
+
+CALL_ARGS = ("X", "stride_xm", "stride_xk", "BIAS", "Y", "stride_ym", "stride_yn", "WS", "WSI", "CNT")  # per call
+
+
+def _spec(v: int) -> int:
+    """What Triton specialises an int argument on: equal to 1, a multiple of 16, beyond 32 bits, beyond 63."""
+    return (v == 1) | (v % 16 == 0) << 1 | (not -2**31 <= v < 2**31) << 2 | (v >= 2**63) << 3
+
+
+class _ThroughTriton:
+    """Launches of one Triton kernel with a fixed grid and fixed arguments, each through Triton's own
+    ``kernel[grid](**arguments)`` (the interpreter; a Triton without what :class:`_Direct` uses)."""
+
+    def __init__(self, kernel, grid: tuple, fixed: dict, names: tuple[str, ...]) -> None:
+        self.kernel, self.grid, self.fixed, self.names = kernel, grid, fixed, names
+
+    def __call__(self, call: tuple):
+        """Launch with ``call``'s values for the arguments ``names``; returns what Triton returns."""
+        return self.kernel[self.grid](**self.fixed, **dict(zip(self.names, call, strict=True)))
+
+
+class _Direct(_ThroughTriton):
+    """Launches of one Triton kernel without Triton's per-call work.
+
+    ``kernel[grid](**arguments)`` binds the keyword arguments (some 40 for the products), works out their
+    specialisation and looks the compiled kernel up on every call: most of a product's launch cost from
+    Python. Here the first call of each kind goes through Triton as usual (it compiles where needed) and
+    keeps the compiled kernel it returns; later calls of that kind hand the arguments, in the kernel's
+    order, straight to the compiled kernel's launcher, as Triton itself does at the end of a call. Calls
+    are of one kind when their per-call values specialise alike: tensors by dtype and 16-byte alignment,
+    ints by :func:`_spec` (each at least as fine as Triton's own specialisation); the fixed arguments are
+    the same for every call. Launch hooks (profilers) are passed on as Triton passes them."""
+
+    def __init__(self, kernel, grid: tuple, fixed: dict, names: tuple[str, ...]) -> None:
+        super().__init__(kernel, grid, fixed, names)
+        order = kernel.arg_names
+        self.args = [fixed.get(name) for name in order]
+        self.slots = tuple(order.index(name) for name in names)
+        self.compiled: dict[tuple, object] = {}
+
+    @staticmethod
+    def usable(kernel, fixed: dict, names: tuple[str, ...]) -> bool:
+        """Whether every argument of ``kernel`` is fixed or passed per call, and this Triton has the pieces
+        a direct launch uses."""
+        order = getattr(kernel, "arg_names", None)
+        return (order is not None and _knobs is not None and set(names) <= set(order)
+                and all(name in fixed or name in names for name in order))
+
+    def arguments(self, call: tuple) -> list:
+        """The kernel's arguments in its order with ``call``'s values in their places."""
+        args = self.args.copy()
+        for i, v in zip(self.slots, call, strict=True):
+            args[i] = v
+        return args
+
+    def __call__(self, call: tuple):
+        kind = tuple((v.data_ptr() & 15, v.dtype) if isinstance(v, torch.Tensor) else _spec(v) for v in call)
+        kernel = self.compiled.get(kind)
+        if kernel is None:  # the first call of its kind: through Triton, which returns the kernel it ran
+            kernel = super().__call__(call)
+            if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+                self.compiled[kind] = kernel
+            return kernel
+        args = self.arguments(call)
+        stream = current_stream(call[0].get_device())
+        enter, grid = _knobs.runtime.launch_enter_hook, self.grid
+        meta = kernel.launch_metadata(grid, stream, *args) if enter is not None else None
+        kernel.run(grid[0], grid[1], grid[2] if len(grid) > 2 else 1, stream, kernel.function, kernel.packed_metadata,
+                   meta, enter, _knobs.runtime.launch_exit_hook, *args)
+        return kernel
+
+
+def launcher(kernel, grid: tuple, fixed: dict, names: tuple[str, ...]) -> _ThroughTriton:
+    """Launches of ``kernel`` on ``grid`` with the arguments ``fixed`` and, per call, ``names`` (the first a
+    tensor on the launch's device): :class:`_Direct` where it can run, else through Triton each time."""
+    direct = not interpreted() and _Direct.usable(kernel, fixed, names)
+    return (_Direct if direct else _ThroughTriton)(kernel, grid, fixed, names)
 
 
 def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
@@ -1013,7 +1096,8 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
             launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl, perm=not gather_x)
         except ValueError as exc:  # what it does not take, or a device it cannot run on
             raise ValueError(f"config {config.name()!r}: {exc}") from None
-        return _Plan(None, (), {}, launch.workspace, PATHS["cuda"], gather_x, pdl, launch)
+        return _Plan(None, (), {}, launch.workspace, PATHS["cuda"], gather_x, pdl, launch,
+                     (rt.scratch, None, rt.scratch))
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
     n_tiles = triton.cdiv(N, cfg.bn)
@@ -1047,8 +1131,11 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
     else:
         kernel = _dot_kernel
         fixed.update(M=M)
-    return _Plan(kernel, (n_tiles, split, m_tiles), fixed, (M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
-                 path + ("-interpreted" if interpreted() else ""), gather_x, pdl)
+    grid = (n_tiles, split, m_tiles)
+    return _Plan(kernel, grid, fixed, (M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
+                 path + ("-interpreted" if interpreted() else ""), gather_x, pdl,
+                 scratch=(rt.scratch, rt.scratch.view(torch.int32), rt.g_sorted),
+                 launch=launcher(kernel, grid, fixed, CALL_ARGS))
 
 
 def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: bool, even_k: bool, even_n: bool,
@@ -1190,10 +1277,7 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
             rt.plans[key] = rt.plans[(M, x.dtype, x.device, bias is not None, cfg)] = plan
     if plan.gather_x:
         x = gather_columns(x, rt.perm, plan.pdl)
-    if plan.workspace[0]:
-        ws, cnt = workspace(x.device, *plan.workspace)
-    else:
-        ws, cnt = rt.scratch, rt.g_sorted  # not read
+    ws, wsi, cnt = workspace(x.device, *plan.workspace) if plan.workspace[0] else plan.scratch
     if plan.cuda_launch is not None:
         # its blocks read the weights before they wait for the kernel before them: safe once a plain launch
         # has followed whatever wrote them (or right after the gather, which does not write them)
@@ -1201,9 +1285,8 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
         rt.settled = True
         rt.path = plan.path
         return y
-    plan.kernel[plan.grid](X=x, stride_xm=x.stride(0), stride_xk=x.stride(1), BIAS=bias if bias is not None else y,
-                           Y=y, stride_ym=y.stride(0), stride_yn=y.stride(1), WS=ws, WSI=ws.view(torch.int32),
-                           CNT=cnt, **plan.fixed)
+    call = (x, x.stride(0), x.stride(1), bias if bias is not None else y, y, y.stride(0), y.stride(1), ws, wsi, cnt)
+    plan.launch(call)
     rt.path = plan.path
     return y
 
