@@ -477,7 +477,7 @@ def gather_columns(x: torch.Tensor, perm: torch.Tensor, pdl: bool = False) -> to
     if launch is None:
         fixed = dict(K=K, BLOCK=GATHER_BLOCK, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
         launch = _GATHERS[key] = launcher(_gather_cols_kernel, (triton.cdiv(K, GATHER_BLOCK), M), fixed,
-                                          ("X", "stride_xm", "stride_xk", "PERM", "Y"))
+                                          ("X", "stride_xm", "stride_xk", "PERM", "Y"), 3)
     launch((x, x.stride(0), x.stride(1), perm, y))
     return y
 
@@ -687,7 +687,11 @@ class Runtime:
 
 
 def _buffers_key(m: QuantLinear) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.device) for t in (m.qweight, m.qzeros, m.scales, m.g_idx))
+    """Where ``m``'s buffers are and how often they were written (read every call: straight from the
+    buffer dict, as ints)."""
+    b = m._buffers
+    return tuple((t.data_ptr(), t._version, t.get_device()) for t in (b["qweight"], b["qzeros"], b["scales"],
+                                                                        b["g_idx"]))
 
 
 def regular_group_size(g_sorted: torch.Tensor, n_groups: int) -> int | None:
@@ -1010,6 +1014,7 @@ class _Plan:
 
 
 CALL_ARGS = ("X", "stride_xm", "stride_xk", "BIAS", "Y", "stride_ym", "stride_yn", "WS", "WSI", "CNT")  # per call
+CALLER_ARGS = 4  # of which the caller's (x, its strides, the bias; BIAS is y when there is none)
 
 
 def _spec(v: int) -> int:
@@ -1037,12 +1042,15 @@ class _Direct(_ThroughTriton):
     Python. Here the first call of each kind goes through Triton as usual (it compiles where needed) and
     keeps the compiled kernel it returns; later calls of that kind hand the arguments, in the kernel's
     order, straight to the compiled kernel's launcher, as Triton itself does at the end of a call. Calls
-    are of one kind when their per-call values specialise alike: tensors by dtype and 16-byte alignment,
-    ints by :func:`_spec` (each at least as fine as Triton's own specialisation); the fixed arguments are
-    the same for every call. Launch hooks (profilers) are passed on as Triton passes them."""
+    are of one kind when their first ``varying`` per-call values (the caller's: ``x``, its strides, the
+    bias) specialise alike: tensors by dtype and 16-byte alignment, ints by :func:`_spec` (each at least as
+    fine as Triton's own specialisation). The others are this module's own and specialise alike every call
+    (``y`` and the workspace: fresh from torch's allocator, 16-byte aligned, fixed dtypes and strides), and
+    the fixed arguments are the same. Launch hooks (profilers) are passed on as Triton passes them."""
 
-    def __init__(self, kernel, grid: tuple, fixed: dict, names: tuple[str, ...]) -> None:
+    def __init__(self, kernel, grid: tuple, fixed: dict, names: tuple[str, ...], varying: int) -> None:
         super().__init__(kernel, grid, fixed, names)
+        self.varying = varying
         order = kernel.arg_names
         self.args = [fixed.get(name) for name in order]
         self.slots = tuple(order.index(name) for name in names)
@@ -1064,7 +1072,8 @@ class _Direct(_ThroughTriton):
         return args
 
     def __call__(self, call: tuple):
-        kind = tuple((v.data_ptr() & 15, v.dtype) if isinstance(v, torch.Tensor) else _spec(v) for v in call)
+        kind = tuple((v.data_ptr() & 15, v.dtype) if isinstance(v, torch.Tensor) else _spec(v)
+                     for v in call[:self.varying])
         kernel = self.compiled.get(kind)
         if kernel is None:  # the first call of its kind: through Triton, which returns the kernel it ran
             kernel = super().__call__(call)
@@ -1080,11 +1089,13 @@ class _Direct(_ThroughTriton):
         return kernel
 
 
-def launcher(kernel, grid: tuple, fixed: dict, names: tuple[str, ...]) -> _ThroughTriton:
+def launcher(kernel, grid: tuple, fixed: dict, names: tuple[str, ...], varying: int) -> _ThroughTriton:
     """Launches of ``kernel`` on ``grid`` with the arguments ``fixed`` and, per call, ``names`` (the first a
-    tensor on the launch's device): :class:`_Direct` where it can run, else through Triton each time."""
-    direct = not interpreted() and _Direct.usable(kernel, fixed, names)
-    return (_Direct if direct else _ThroughTriton)(kernel, grid, fixed, names)
+    tensor on the launch's device; the first ``varying`` the caller's, see :class:`_Direct`):
+    :class:`_Direct` where it can run, else through Triton each time."""
+    if not interpreted() and _Direct.usable(kernel, fixed, names):
+        return _Direct(kernel, grid, fixed, names, varying)
+    return _ThroughTriton(kernel, grid, fixed, names)
 
 
 def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
@@ -1135,7 +1146,7 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
     return _Plan(kernel, grid, fixed, (M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
                  path + ("-interpreted" if interpreted() else ""), gather_x, pdl,
                  scratch=(rt.scratch, rt.scratch.view(torch.int32), rt.g_sorted),
-                 launch=launcher(kernel, grid, fixed, CALL_ARGS))
+                 launch=launcher(kernel, grid, fixed, CALL_ARGS, CALLER_ARGS))
 
 
 def constexprs(cfg: Config, bits: int, *, split: bool, grouping: int, has_bias: bool, even_k: bool, even_n: bool,
@@ -1262,19 +1273,20 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
     M, K = x.shape
     if K != rt.K:
         raise ValueError(f"x has {K} columns, the weight {rt.K} inputs")
-    if x.device.type == "cuda" and x.device.index is not None and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):  # kernels launch on the current device
+    index = x.get_device()  # −1 on the CPU
+    if index >= 0 and index != torch.cuda.current_device():
+        with torch.cuda.device(index):  # kernels launch on the current device
             return matmul(x, rt, bias, config)
     y = torch.empty((M, rt.N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    key = (M, x.dtype, x.device, bias is not None, config)
+    key = (M, x.dtype, index, bias is not None, config)
     plan = rt.plans.get(key)
     if plan is None:
         cfg, final = (config, True) if config is not None else _resolve(x, rt, bias)
         plan = _plan(rt, M, x.dtype, x.device, bias is not None, cfg)
         if final:  # config None: the tuned plan, looked up directly from now on
-            rt.plans[key] = rt.plans[(M, x.dtype, x.device, bias is not None, cfg)] = plan
+            rt.plans[key] = rt.plans[(M, x.dtype, index, bias is not None, cfg)] = plan
     if plan.gather_x:
         x = gather_columns(x, rt.perm, plan.pdl)
     ws, wsi, cnt = workspace(x.device, *plan.workspace) if plan.workspace[0] else plan.scratch
@@ -1295,13 +1307,13 @@ def matmul(x: torch.Tensor, rt: Runtime, bias: torch.Tensor | None = None,
 
 
 def _forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    if not runs_on(x.device):
+    if not x.is_cuda and not runs_on(x.device):
         raise RuntimeError(f"the triton backend needs CUDA tensors (got {x.device}; or set TRITON_INTERPRET=1 "
                            "before Triton is imported to run it interpreted)")
     rt = runtime_of(m)
-    if rt.qweight.device != x.device:
+    if rt.qweight.get_device() != x.get_device():
         raise RuntimeError(f"x is on {x.device}, the packed weight on {rt.qweight.device}")
-    y = matmul(x.reshape(-1, m.in_features), rt, m.bias)
+    y = matmul(x.reshape(-1, m.in_features), rt, m._buffers["bias"])
     return y.reshape(*x.shape[:-1], m.out_features)
 
 
