@@ -3,8 +3,8 @@ library that comes with torch's CUDA build) and launched through the CUDA driver
 or build step at install time.
 
 :func:`prepare` resolves one product's launch once (:class:`Launch`: compiled variant, grid, K split,
-shared memory) and :func:`run` launches it with the call's tensors: ``x`` (up to :data:`MAX_ROWS` rows,
-float16 / bfloat16) times a packed weight in the Triton module's
+shared memory, its C parameters) and :func:`run` fills in the call's tensors and launches it: ``x``
+(up to :data:`MAX_ROWS` rows, float16 / bfloat16) times a packed weight in the Triton module's
 :class:`~quantizers.kernels.triton_gemm.Runtime` layout (2 or 4 bits, regular groups, codes in sorted
 order; under act-order the kernel reads ``x[perm[k]]`` itself, or the caller passes ``x`` gathered).
 :func:`supports` says where it runs. A launch shape

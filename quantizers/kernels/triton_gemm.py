@@ -22,6 +22,9 @@ stays the export format):
   launch overlaps that kernel's end; the gather lets the product start once its stores are done. The
   CUDA GEMV goes further: its blocks load their first weights before they wait (a weight's first
   product is launched plainly, so whatever wrote the weights has finished: :attr:`Runtime.settled`).
+* launches from Python (:class:`_Direct`): a plan's first call of each kind goes through Triton, later
+  ones hand their arguments in order straight to the compiled kernel's launcher (Triton's per-call
+  binding of some 40 arguments was most of a product's launch cost in an eager decode).
 * ``scales`` (G, out) float16: the module's buffer. ``zeros`` (G, out) uint8, unpacked once (v1's
   ``zero − 1`` convention undone).
 
