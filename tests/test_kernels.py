@@ -352,6 +352,12 @@ CUDA_RUNS = [  # (bits, K, N, group size, act-order), rows, dtype, bias, config 
                                                                gather=True)),
     ((2, 4096, 11008, 128, False), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=32, num_stages=2, split=1)),
     ((2, 2048, 512, 2048, False), 2, torch.bfloat16, True, dict(bn=128, bk=128, num_warps=8, num_stages=2, split=2)),
+    # the tensor-core variant (4 bits, up to 16 rows)
+    ((4, 4096, 11008, 128, False), 16, torch.bfloat16, False, dict(kernel="mma", num_warps=4, num_stages=3, split=0)),
+    ((4, 4096, 4096, 128, True), 16, torch.bfloat16, True, dict(kernel="mma", num_warps=4, num_stages=4, split=1)),
+    ((4, 1024, 200, 64, False), 5, torch.float16, True, dict(kernel="mma", num_warps=2, num_stages=2, split=3)),
+    ((4, 2048, 520, 2048, True), 9, torch.bfloat16, False, dict(kernel="mma", num_warps=8, num_stages=2, split=1)),
+    ((4, 11008, 4096, 128, False), 4, torch.bfloat16, False, dict(kernel="mma", num_warps=4, num_stages=3, split=0)),
 ]
 
 
@@ -419,7 +425,7 @@ def cuda_gemv_results() -> dict:
         b = torch.randn(N_, generator=torch.Generator().manual_seed(i)).to(dtype) if bias else None
         m = module_of(res, b, dtype).cuda()
         rt = tg.runtime_of(m)
-        cfg = tg.Config("cuda", **fields)
+        cfg = tg.Config(**{"kernel": "cuda", **fields})
         y1 = tg.matmul(x.cuda(), rt, m.bias, cfg)
         y2 = tg.matmul(x.cuda(), rt, m.bias, cfg)
         plan = next(iter(rt.plans.values()))
@@ -504,7 +510,9 @@ def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(
         assert names[0] == interpreted["defaults"][key] and len(names) == len(set(names)) >= 4, (key, names)
         kinds = {n.split()[0] for n in names}
         _, bits, _ = key
-        assert kinds == ({"gemv", "cuda"} if M == 1 and bits in (2, 4) else {"gemv"} if M == 1 else {"dot"}), names
+        want = ({"gemv", "cuda"} if M == 1 and bits in (2, 4) else {"gemv"} if M == 1 else
+                {"dot", "mma"} if bits == 4 and M <= 16 else {"dot"})  # mma: the tensor-core CUDA variant
+        assert kinds == want, names
     # interpreted, nothing is timed: a product without a config runs the hand-picked default
     assert interpreted["tuning"] is False and interpreted["tuned"] is True
     assert interpreted["pairs_interpreted"] is False  # inline PTX does not run interpreted
@@ -711,13 +719,16 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     assert rel_err(y, ref) < TOL[dtype]
     assert compiled[name]["path"] in PATHS.values(), compiled[name]["path"]
     if M > 1:  # the dot kernel: dequantizing into x's 16-bit dtype at 2 and 4 bits (groups of 128: one per tile)
-        assert compiled[name]["path"] == PATHS["dot-magic" if bits in (2, 4) else "dot"], compiled[name]["path"]
+        # or, where tuning picked it, the tensor-core CUDA variant (4 bits, up to 16 rows)
+        allowed = {PATHS["dot-magic" if bits in (2, 4) else "dot"]}
+        allowed |= {PATHS["mma"]} if bits == 4 and M <= 16 else set()
+        assert compiled[name]["path"] in allowed, compiled[name]["path"]
     tuned = compiled[name]["tuned"]
     if M == 1 and dtype == torch.bfloat16 and bits in (2, 4):  # the pairs unless tuning picked another path
         kind = "cuda" if tuned.startswith("cuda") else "gemv" if tuned.endswith("-pairs") else "gemv-pairs"
         assert compiled[name]["path"] == PATHS[kind]
     skipped = compiled[name]["skipped"]  # only the CUDA GEMV, only where the shape does not fit it
-    assert all(k.startswith("cuda") and "does not take" in v for k, v in skipped.items()), skipped
+    assert all(k.startswith(("cuda", "mma")) and "does not take" in v for k, v in skipped.items()), skipped
     assert bool(skipped) == (bits in (2, 4) and M == 1 and K_ % 128 != 0), skipped
     others = {k: v for k, v in compiled[name].items() if k not in ("y", "path", "tuned", "skipped")}
     assert tuned in others and len(others) >= 4
@@ -788,8 +799,10 @@ def test_cuda_gemv_matches_dequantize_then_matmul(compiled, i):
     res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
     b = torch.randn(N_, generator=torch.Generator().manual_seed(i)).to(dtype) if bias else None
     run = compiled["cuda"][i]
-    assert run["path"] == PATHS["cuda"] and run["y"].dtype == dtype and run["y"].shape == (M, N_)
-    assert run["gather"] == (act and fields.get("gather", False))  # else the kernel gathers x as it stages it
+    kind = fields.get("kernel", "cuda")
+    assert run["path"] == PATHS[kind] and run["y"].dtype == dtype and run["y"].shape == (M, N_)
+    # act-order: the GEMV gathers x as it stages it unless told otherwise; the tensor-core variant reads it gathered
+    assert run["gather"] == (act and (fields.get("gather", False) or kind == "mma"))
     assert run["pdl"] == run["hopper"]  # overlapped launches on sm_90+
     ref = reference(res, x, b)
     assert rel_err(run["y"], ref) < TOL[torch.bfloat16]  # bfloat16-pair sums even for float16 x (float16 pairs)

@@ -54,6 +54,9 @@
 #ifndef GV_PERM  // act-order: the block gathers x[perm[k]] for its K range from all of x, staged in shared memory
 #define GV_PERM 0
 #endif
+#ifndef GV_MMA  // the tensor-core variant for up to 16 rows (4 bits; see below the GEMV)
+#define GV_MMA 0
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -159,6 +162,7 @@ struct alignas(16) V4 {
     u32 a, b, c, d;
 };
 
+#if !GV_MMA
 extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
     const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
@@ -380,3 +384,193 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
 #endif
 }
+#endif  // !GV_MMA
+
+#if GV_MMA
+// The tensor-core variant (GV_MMA, 4 bits, up to 16 rows of x, x in sorted order: act-order's gathered first).
+// It reads the GPTQ layout as it is: no copy of the weights in another layout. Work: block (32-column tile,
+// K split) = W warps, each a contiguous range of chunks of 64 codes of k (8 word rows); lane (g, t) = (lane / 4,
+// lane % 4) loads, per chunk, word rows 2t and 2t + 1 of columns 4g … 4g + 3 of the tile (two 16-byte loads; a
+// warp reads 8 rows × 128 bytes). Those columns are the four n8 tiles' column g: tile i's column g is the
+// tile's column 4g + i. Along k, mma.m16n8k16 sums over its 16 positions in any order as long as x and the
+// weights agree, so step s (0 … 3) of a chunk takes position 2t, 2t + 1, 2t + 8, 2t + 9 of lane (·, t) from
+// k = 16t + 4s + 0, 1, 2, 3 of the chunk: the weights' pairs are bytes 2(s & 1) and 2(s & 1) + 1 of word
+// row 2t + (s >> 1) (codes 2b, 2b + 1 of byte b: one prmt, one lop3, one packed FMA give code − zero exactly),
+// x's are 4 adjacent values of its rows g and g + 8 (8 bytes each). A chunk's four steps accumulate in float32
+// in the tensor cores, then times the chunk's scales (lane (g, t) holds output columns 8t … 8t + 7: one 16-byte
+// load of scales) into the totals. The warps add up through shared memory; with SPLIT, blocks through the
+// workspace as the GEMV's do.
+#define MM_ROWS GV_ROWS  // 1 … 16
+#if GV_F16
+#define MMA_OP "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#else
+#define MMA_OP "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#endif
+
+static __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(MMA_OP " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ void ld_x8(const u16* p, u32& lo, u32& hi) {  // 4 x values, 8 bytes
+    asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(lo), "=r"(hi) : "l"(p));
+}
+
+extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
+    const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
+    const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
+    float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split,
+    const int* __restrict__ perm) {
+    __shared__ float red[GV_W][MM_ROWS][32];
+#if GV_SPLIT
+    __shared__ int last_block;
+#endif
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * 32;
+    const bool n_ok = n0 + 4 * g < N;  // N is a multiple of 4 (checked by the caller)
+    const int nc = n_ok ? n0 + 4 * g : 0;
+    const int chunks = K / 64;
+    const int c0 = blockIdx.y * steps_per_split;
+    const int c1 = min(chunks, c0 + steps_per_split);
+    const int per_warp = (c1 - c0 + GV_W - 1) / GV_W;
+    const int w0 = c0 + warp * per_warp;
+    const int nchunks = max(0, min(c1, w0 + per_warp) - w0);
+    const unsigned gr = (unsigned)group_rows;
+
+    V4 wa[GV_DEPTH], wb[GV_DEPTH];  // word rows 2t, 2t + 1 of the 4 columns, per chunk in flight
+    u32 zb[GV_DEPTH];               // the 4 columns' zeros
+    V4 sb[GV_DEPTH];                // scales of output columns 8t … 8t + 7
+#define MM_FETCH(dd, sl)                                                                            \
+    if ((dd) < nchunks) {                                                                             \
+        const unsigned row = (unsigned)((w0 + (dd)) * 8);                                             \
+        const unsigned grp = (row / gr) * (unsigned)N;                                               \
+        if (n_ok) {                                                                                  \
+            asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"               \
+                         : "=r"(wa[sl].a), "=r"(wa[sl].b), "=r"(wa[sl].c), "=r"(wa[sl].d)    \
+                         : "l"(qw + (size_t)(row + 2 * t) * N + nc));                                \
+            asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"               \
+                         : "=r"(wb[sl].a), "=r"(wb[sl].b), "=r"(wb[sl].c), "=r"(wb[sl].d)    \
+                         : "l"(qw + (size_t)(row + 2 * t + 1) * N + nc));                            \
+            zb[sl] = *reinterpret_cast<const u32*>(zeros + grp + nc);                              \
+        }                                                                                            \
+        if (n0 + 8 * t < N) sb[sl] = *reinterpret_cast<const V4*>(scales + grp + n0 + 8 * t);      \
+    }
+#pragma unroll
+    for (int d = 0; d < GV_DEPTH - 1; ++d) MM_FETCH(d, d)
+#if GV_PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    const int ra = g < MM_ROWS ? g : 0, rb = g + 8 < MM_ROWS ? g + 8 : 0;  // x's rows for this lane (clamped)
+    const u16* xa = x + (size_t)ra * ldx + 16 * t;
+    const u16* xb = x + (size_t)rb * ldx + 16 * t;
+
+    float tot[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tot[i][e] = 0.f;
+
+    for (int base = 0; base < nchunks; base += GV_DEPTH) {
+#pragma unroll
+        for (int d = 0; d < GV_DEPTH; ++d) {
+            const int ch = base + d;
+            if (ch < nchunks) {
+                MM_FETCH(ch + GV_DEPTH - 1, (d + GV_DEPTH - 1) % GV_DEPTH)
+                const int k0 = (w0 + ch) * 64;
+                const u32 wz[4] = {zb[d] & 0xFFu, (zb[d] >> 8) & 0xFFu, (zb[d] >> 16) & 0xFFu, zb[d] >> 24};
+                u32 nz[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) nz[i] = (NZ_BASE | wz[i]) * 0x10001u;
+                const u32 wv[2][4] = {{wa[d].a, wa[d].b, wa[d].c, wa[d].d}, {wb[d].a, wb[d].b, wb[d].c, wb[d].d}};
+                float acc[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    u32 a0, a2, a1 = 0u, a3 = 0u;  // rows g (a0: k pair 0, 1; a2: 2, 3) and g + 8
+                    ld_x8(xa + k0 + 4 * s, a0, a2);
+                    if (g >= MM_ROWS) a0 = a2 = 0u;
+#if MM_ROWS > 8
+                    ld_x8(xb + k0 + 4 * s, a1, a3);
+                    if (g + 8 >= MM_ROWS) a1 = a3 = 0u;
+#endif
+                    const int byte = 2 * (s & 1);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const u32 w = wv[s >> 1][i];
+                        const u32 u = w >> 4;
+                        const u32 b0 = fma2(lop3_or_and(prmt(w, u, byte | (byte << 4) | ((4 + byte) << 8) |
+                                                                     ((4 + byte) << 12)), 0x000F000Fu, MAGIC2), ONE, nz[i]);
+                        const u32 b1 = fma2(lop3_or_and(prmt(w, u, (byte + 1) | ((byte + 1) << 4) | ((5 + byte) << 8) |
+                                                                     ((5 + byte) << 12)), 0x000F000Fu, MAGIC2), ONE, nz[i]);
+                        mma16816(acc[i], a0, a1, a2, a3, b0, b1);
+                    }
+                }
+                // tile i's accumulators: (row g, columns 2t, 2t + 1), (row g + 8, the same) of the n8 tile, i.e.
+                // output columns 8t + i and 8t + 4 + i of the block's 32
+                const u32 sv[4] = {sb[d].a, sb[d].b, sb[d].c, sb[d].d};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float s_lo = half2f((u16)((i & 1) ? sv[i >> 1] >> 16 : sv[i >> 1] & 0xFFFFu));
+                    const float s_hi = half2f((u16)((i & 1) ? sv[2 + (i >> 1)] >> 16 : sv[2 + (i >> 1)] & 0xFFFFu));
+                    tot[i][0] = fmaf(acc[i][0], s_lo, tot[i][0]);
+                    tot[i][1] = fmaf(acc[i][1], s_hi, tot[i][1]);
+                    tot[i][2] = fmaf(acc[i][2], s_lo, tot[i][2]);
+                    tot[i][3] = fmaf(acc[i][3], s_hi, tot[i][3]);
+                }
+            }
+        }
+    }
+#undef MM_FETCH
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = g + 8 * (e >> 1), col = 8 * t + 4 * (e & 1) + i;
+            if (row < MM_ROWS) red[warp][row][col] = tot[i][e];
+        }
+    __syncthreads();
+
+    for (int o = threadIdx.x; o < MM_ROWS * 32; o += GV_TPB) {
+        const int m = o / 32, j = o % 32, n = n0 + j;
+        if (n >= N) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < GV_W; ++w) v += red[w][m][j];
+#if GV_SPLIT
+        atomicAdd(ws + (size_t)m * N + n, v);
+#else
+#if GV_HAS_BIAS
+        v += h2f(bias[n]);
+#endif
+        y[(size_t)m * ldy + n] = f2h(v);
+#endif
+    }
+#if GV_SPLIT
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int done = atomicAdd(cnt + blockIdx.x, 1);
+        last_block = done == (int)gridDim.y - 1;
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    for (int o = threadIdx.x; o < MM_ROWS * 32; o += GV_TPB) {
+        const int m = o / 32, j = o % 32, n = n0 + j;
+        if (n >= N) continue;
+        float v = atomicExch(ws + (size_t)m * N + n, 0.f);
+#if GV_HAS_BIAS
+        v += h2f(bias[n]);
+#endif
+        y[(size_t)m * ldy + n] = f2h(v);
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+#endif
+}
+#endif  // GV_MMA

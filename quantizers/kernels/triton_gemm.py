@@ -113,7 +113,7 @@ MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC 
 HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there (a kernel constexpr)
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
-         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv"}
+         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv", "mma": "cuda-mma"}
 RUN_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}  # the names ptx.run_asm takes
 # bits of 2**7 (bfloat16) and 2**10 (float16), whose ulp is 1: MAGIC16 | code = 2**e + code
 MAGIC16 = {dtype: ptx.RUN_FLOATS[name][0] for dtype, name in RUN_DTYPE_NAMES.items()}
@@ -799,6 +799,8 @@ class Config:
         if self.kernel == "cuda":
             gather = "+g" if self.gather else ""
             return f"cuda n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{gather}"
+        if self.kernel == "mma":
+            return f"mma n32 k64 {split} x{self.num_warps}/{self.num_stages}"
         swap = "+sw" if self.swap else ""
         return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{swap}"
 
@@ -824,6 +826,12 @@ CUDA_CONFIGS = [Config("cuda", bn=32, bk=128, num_warps=16, num_stages=2, split=
                 Config("cuda", bn=32, bk=128, num_warps=32, num_stages=2, split=1),
                 Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2, split=1),
                 Config("cuda", bn=32, bk=128, num_warps=8, num_stages=3, split=1)]
+
+
+MMA_CONFIGS = [Config("mma", num_warps=4, num_stages=3, warps_per_sm=16),
+               Config("mma", num_warps=4, num_stages=4, warps_per_sm=32),
+               Config("mma", num_warps=8, num_stages=2, warps_per_sm=16),
+               Config("mma", num_warps=2, num_stages=4, warps_per_sm=16)]
 
 
 def default_config(M: int, bits: int, act_order: bool = False) -> Config:
@@ -897,6 +905,8 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
                 Config("dot", bm=bm, bn=32, bk=128, num_warps=2, num_stages=3, warps_per_sm=12, swap=True)]
     if bits not in DQ16_BITS:  # swap only changes the 16-bit path
         out = [c for c in out if not c.swap]
+    if bits == 4 and M <= cuda.MMA_ROWS:  # the tensor-core CUDA variant (where it can run: tuning skips it elsewhere)
+        out += MMA_CONFIGS
     return list(dict.fromkeys(out))
 
 
@@ -968,7 +978,7 @@ def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
     (0) when a tile lies in one group, else ELEMENT (2). ``bk`` shrinks until a tile fits in a group
     (down to the packed block, and to 16 codes for dot: ``tl.dot`` takes K ≥ 16). ``cuda`` configs are
     taken as they are (:func:`cuda.supports` says where they fit)."""
-    if cfg.kernel == "cuda":
+    if cfg.kernel in ("cuda", "mma"):
         return cfg, int(TILE)
     per = BLOCKS[rt.bits][0]
     floor = max(per, 16) if cfg.kernel == "dot" else per
@@ -1104,13 +1114,15 @@ def launcher(kernel, grid: tuple, fixed: dict, names: tuple[str, ...], varying: 
 def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
           config: Config | None) -> _Plan:
     pdl = pdl_runs(device)
-    if config is not None and config.kernel == "cuda":
-        gather_x = rt.perm is not None and config.gather  # else the kernel gathers x as it stages it
+    if config is not None and config.kernel in ("cuda", "mma"):
+        # act-order: the GEMV gathers x as it stages it unless told otherwise; the tensor-core variant reads it
+        # gathered first
+        gather_x = rt.perm is not None and (config.gather or config.kernel == "mma")
         try:
             launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl, perm=not gather_x)
         except ValueError as exc:  # what it does not take, or a device it cannot run on
             raise ValueError(f"config {config.name()!r}: {exc}") from None
-        return _Plan(None, (), {}, launch.workspace, PATHS["cuda"], gather_x, pdl, launch,
+        return _Plan(None, (), {}, launch.workspace, PATHS[config.kernel], gather_x, pdl, launch,
                      (rt.scratch, None, rt.scratch))
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
