@@ -18,9 +18,9 @@ NVCC = shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cu
 
 
 def G(c: int = 1, w: int = 8, u: int = 4, depth: int = 3, split: int = 1, bits: int = 4, **kw) -> Config:
-    """A ``cuda`` launch config by the kernel's own units: ``c`` columns a thread, ``w`` warps, ``u`` word rows
-    a step, ``depth`` steps in flight."""
-    return Config("cuda", bn=32 * c, bk=u * cuda.CODES[bits], num_warps=w, num_stages=depth, split=split, **kw)
+    """A ``cuda`` launch config by the kernel's own units: ``c`` columns a thread, ``w`` warps, ``u`` packed
+    blocks a step (a word each at 2 and 4 bits, three at 3 bits), ``depth`` steps in flight."""
+    return Config("cuda", bn=32 * c, bk=u * cuda.BLOCK[bits][0], num_warps=w, num_stages=depth, split=split, **kw)
 
 
 VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl, perm: the tuning candidates' shapes and the extremes
@@ -40,12 +40,20 @@ VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl, perm: the tuning ca
     (2, G(c=1, w=32, u=8, depth=2, bits=2), 1, torch.bfloat16, False, False, True, True),
     (4, G(c=4, w=4, u=8, depth=2), 8, torch.float16, True, True, False, True),
     (2, G(c=2, w=2, u=4, depth=4, bits=2), 5, torch.bfloat16, False, True, False, True),
+    # 3 bits: blocks of 3 words, codes straddling them
+    (3, G(c=1, w=16, u=4, depth=2, bits=3), 1, torch.bfloat16, False, False, False, False),
+    (3, G(c=1, w=8, u=4, depth=3, bits=3), 1, torch.float16, True, True, True, False),
+    (3, G(c=1, w=16, u=4, depth=3, bits=3), 1, torch.bfloat16, False, False, True, True),
+    (3, G(c=4, w=4, u=2, depth=2, bits=3), 8, torch.bfloat16, True, True, False, True),
+    (3, G(c=1, w=32, u=2, depth=3, bits=3), 1, torch.float16, False, False, True, False),
+    (3, G(c=1, w=32, u=4, depth=2, bits=3), 1, torch.bfloat16, False, True, True, False),
 ]
 
 
 def test_launch_shape_reads_the_config_in_the_kernels_units():
     assert cuda.shape(Config("cuda", bn=64, bk=128, num_warps=16, num_stages=3), 4) == (2, 16, 16, 3)
     assert cuda.shape(Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2), 2) == (1, 8, 8, 2)
+    assert cuda.shape(Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2), 3) == (1, 8, 4, 2)  # 4 blocks of 32
     d = cuda.defines(2, G(c=2, w=4, u=8, depth=3, bits=2), 3, torch.float16, True, False, True)
     assert d == dict(BITS=2, C=2, W=4, U=8, DEPTH=3, ROWS=3, F16=1, SPLIT=1, HAS_BIAS=0, PDL=1, PERM=0)
 
@@ -77,7 +85,9 @@ def test_supports_names_what_it_does_not_take():
     ok = G(c=1, w=8, u=8, depth=2)
     assert cuda.supports(_Rt(), 1, torch.bfloat16, ok) is None
     assert cuda.supports(_Rt(), 8, torch.float16, ok) is None
-    assert "3 bits" in cuda.supports(_Rt(bits=3), 1, torch.bfloat16, ok)
+    assert "8 bits" in cuda.supports(_Rt(bits=8), 1, torch.bfloat16, ok)
+    assert cuda.supports(_Rt(bits=3), 1, torch.bfloat16, G(u=4, bits=3)) is None
+    assert "256 codes" in cuda.supports(_Rt(bits=3), 1, torch.bfloat16, G(u=8, bits=3))  # a step spans two groups
     assert "torch.float32" in cuda.supports(_Rt(), 1, torch.float32, ok)
     assert "9 rows" in cuda.supports(_Rt(), 9, torch.bfloat16, ok)
     assert "64 codes" in cuda.supports(_Rt(group_size=32), 1, torch.bfloat16, ok)  # a step spans two groups
