@@ -140,3 +140,69 @@ def test_launch_parameters_follow_the_kernels_signature():
     assert [v.value for v in p.values] == values and len(p.array) == len(kinds)
     with pytest.raises(ValueError):  # one value too many or too few is an error, not a shifted launch
         p.fill(values + [0])
+
+
+def _consts(f16: bool) -> dict[str, int]:
+    """gemv.cu's float constants for float16 (``GV_F16``) or bfloat16 ``x``, read from the source."""
+    src = cuda.SOURCE.read_text()
+    block = src[src.index("#if GV_F16\n#define MAGIC"):]
+    block = block[:block.index("#endif")]
+    f16_part, bf16_part = block.split("#else")
+    return {k: int(v, 16) for k, v in re.findall(r"#define (\w+) (0x[0-9A-F]+)u", f16_part if f16 else bf16_part)}
+
+
+def _window3(w: list[int], s: int) -> int:
+    """gemv.cu's ``window3`` over the block's words ``w`` (as Python ints), 32 bits."""
+    if s < 0:
+        return (w[0] << -s) & 0xFFFFFFFF
+    i, o = s >> 5, s & 31
+    if o == 0:
+        return w[i]
+    if i == 2 or s + 19 <= 32 * (i + 1):
+        return w[i] >> o
+    return ((w[i + 1] << 32 | w[i]) >> o) & 0xFFFFFFFF  # shf.r.clamp: (hi:lo) >> o
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_three_bit_pairs_give_exact_code_minus_zero_and_sums(f16):
+    """The 3-bit block of gemv.cu emulated with its own constants: each pair register holds exactly
+    ``(code_j − z, code_{j+4} − z)``, and with small-integer x (exact in 16 bits) a block's sum is exact."""
+    import numpy as np
+
+    c = _consts(f16)
+    mask = int(re.search(r"lop3_or_and\(t, (0x[0-9a-f]+)u, MAGIC2\), ONE_SIXTEENTH", cuda.SOURCE.read_text()).group(1),
+               16)
+    to_float = (lambda h: float(np.uint16(h).view(np.float16))) if f16 else (
+        lambda h: float(np.uint32(h << 16).view(np.float32)))
+
+    def to_bits(v: float) -> int:  # nearest 16-bit float, ties to even
+        if f16:
+            return int(np.float16(v).view(np.uint16))
+        m, e = np.frexp(v)
+        return int(np.float32(np.ldexp(np.rint(m * 256.0), e - 8)).view(np.uint32)) >> 16
+
+    def fma2(a: int, b: int, d: int) -> int:  # per half: a·b + d, rounded once
+        lo = to_bits(to_float(a & 0xFFFF) * to_float(b & 0xFFFF) + to_float(d & 0xFFFF))
+        hi = to_bits(to_float(a >> 16) * to_float(b >> 16) + to_float(d >> 16))
+        return hi << 16 | lo
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        codes = [int(v) for v in rng.integers(0, 8, 32)]
+        z = int(rng.integers(0, 8))
+        x = [int(v) for v in rng.integers(-3, 4, 32)]
+        stream = sum(q << (3 * j) for j, q in enumerate(codes))
+        words = [(stream >> (32 * i)) & 0xFFFFFFFF for i in range(3)]
+        nz3 = (c["NZ_BASE"] | z) << 16 | (c["NZ16_BASE"] | z << 4)
+        total = 0.0
+        for r in range(4):
+            a = 0x80008000
+            for i in range(4):
+                j = 8 * r + i
+                t = _window3(words, 3 * j - 4)
+                q = fma2((t & mask) | c["MAGIC"] * 0x10001, c["ONE_SIXTEENTH"], nz3)
+                assert (to_float(q & 0xFFFF), to_float(q >> 16)) == (codes[j] - z, codes[j + 4] - z), (j, z)
+                xp = to_bits(x[j + 4]) << 16 | to_bits(x[j])  # staged as (x_j, x_j+4)
+                a = fma2(q, xp, a if i else 0x80008000)
+            total += to_float(a & 0xFFFF) + to_float(a >> 16)
+        assert total == sum(xv * (q - z) for xv, q in zip(x, codes, strict=True))
