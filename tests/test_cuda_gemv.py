@@ -18,9 +18,9 @@ NVCC = shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cu
 
 
 def G(c: int = 1, w: int = 8, u: int = 4, depth: int = 3, split: int = 1, bits: int = 4, **kw) -> Config:
-    """A ``cuda`` launch config by the kernel's own units: ``c`` columns a thread, ``w`` warps, ``u`` word rows
-    a step, ``depth`` steps in flight."""
-    return Config("cuda", bn=32 * c, bk=u * cuda.CODES[bits], num_warps=w, num_stages=depth, split=split, **kw)
+    """A ``cuda`` launch config by the kernel's own units: ``c`` columns a thread, ``w`` warps, ``u`` packed
+    blocks a step (a word each at 2 and 4 bits, three at 3 bits), ``depth`` steps in flight."""
+    return Config("cuda", bn=32 * c, bk=u * cuda.BLOCK[bits][0], num_warps=w, num_stages=depth, split=split, **kw)
 
 
 VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl, perm: the tuning candidates' shapes and the extremes
@@ -40,6 +40,13 @@ VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl, perm: the tuning ca
     (2, G(c=1, w=32, u=8, depth=2, bits=2), 1, torch.bfloat16, False, False, True, True),
     (4, G(c=4, w=4, u=8, depth=2), 8, torch.float16, True, True, False, True),
     (2, G(c=2, w=2, u=4, depth=4, bits=2), 5, torch.bfloat16, False, True, False, True),
+    # 3 bits: blocks of 3 words, codes straddling them
+    (3, G(c=1, w=16, u=4, depth=2, bits=3), 1, torch.bfloat16, False, False, False, False),
+    (3, G(c=1, w=8, u=4, depth=3, bits=3), 1, torch.float16, True, True, True, False),
+    (3, G(c=1, w=16, u=4, depth=3, bits=3), 1, torch.bfloat16, False, False, True, True),
+    (3, G(c=4, w=4, u=2, depth=2, bits=3), 8, torch.bfloat16, True, True, False, True),
+    (3, G(c=1, w=32, u=2, depth=3, bits=3), 1, torch.float16, False, False, True, False),
+    (3, G(c=1, w=32, u=4, depth=2, bits=3), 1, torch.bfloat16, False, True, True, False),
 ]
 
 
@@ -87,6 +94,7 @@ def test_tensor_core_variant_supports_names_what_it_does_not_take():
 def test_launch_shape_reads_the_config_in_the_kernels_units():
     assert cuda.shape(Config("cuda", bn=64, bk=128, num_warps=16, num_stages=3), 4) == (2, 16, 16, 3)
     assert cuda.shape(Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2), 2) == (1, 8, 8, 2)
+    assert cuda.shape(Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2), 3) == (1, 8, 4, 2)  # 4 blocks of 32
     d = cuda.defines(2, G(c=2, w=4, u=8, depth=3, bits=2), 3, torch.float16, True, False, True)
     assert d == dict(BITS=2, C=2, W=4, U=8, DEPTH=3, ROWS=3, F16=1, SPLIT=1, HAS_BIAS=0, PDL=1, PERM=0)
 
@@ -118,7 +126,9 @@ def test_supports_names_what_it_does_not_take():
     ok = G(c=1, w=8, u=8, depth=2)
     assert cuda.supports(_Rt(), 1, torch.bfloat16, ok) is None
     assert cuda.supports(_Rt(), 8, torch.float16, ok) is None
-    assert "3 bits" in cuda.supports(_Rt(bits=3), 1, torch.bfloat16, ok)
+    assert "8 bits" in cuda.supports(_Rt(bits=8), 1, torch.bfloat16, ok)
+    assert cuda.supports(_Rt(bits=3), 1, torch.bfloat16, G(u=4, bits=3)) is None
+    assert "256 codes" in cuda.supports(_Rt(bits=3), 1, torch.bfloat16, G(u=8, bits=3))  # a step spans two groups
     assert "torch.float32" in cuda.supports(_Rt(), 1, torch.float32, ok)
     assert "9 rows" in cuda.supports(_Rt(), 9, torch.bfloat16, ok)
     assert "64 codes" in cuda.supports(_Rt(group_size=32), 1, torch.bfloat16, ok)  # a step spans two groups
@@ -249,3 +259,69 @@ def test_tensor_core_variant_maps_gptq_words_onto_mma_fragments(rows):
     assert not np.isnan(y).any()  # every (row, column) written once
     assert np.array_equal(y[:rows], x @ W)
     assert not y[rows:].any()
+
+
+def _consts(f16: bool) -> dict[str, int]:
+    """gemv.cu's float constants for float16 (``GV_F16``) or bfloat16 ``x``, read from the source."""
+    src = cuda.SOURCE.read_text()
+    block = src[src.index("#if GV_F16\n#define MAGIC"):]
+    block = block[:block.index("#endif")]
+    f16_part, bf16_part = block.split("#else")
+    return {k: int(v, 16) for k, v in re.findall(r"#define (\w+) (0x[0-9A-F]+)u", f16_part if f16 else bf16_part)}
+
+
+def _window3(w: list[int], s: int) -> int:
+    """gemv.cu's ``window3`` over the block's words ``w`` (as Python ints), 32 bits."""
+    if s < 0:
+        return (w[0] << -s) & 0xFFFFFFFF
+    i, o = s >> 5, s & 31
+    if o == 0:
+        return w[i]
+    if i == 2 or s + 19 <= 32 * (i + 1):
+        return w[i] >> o
+    return ((w[i + 1] << 32 | w[i]) >> o) & 0xFFFFFFFF  # shf.r.clamp: (hi:lo) >> o
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_three_bit_pairs_give_exact_code_minus_zero_and_sums(f16):
+    """The 3-bit block of gemv.cu emulated with its own constants: each pair register holds exactly
+    ``(code_j − z, code_{j+4} − z)``, and with small-integer x (exact in 16 bits) a block's sum is exact."""
+    import numpy as np
+
+    c = _consts(f16)
+    mask = int(re.search(r"lop3_or_and\(t, (0x[0-9a-f]+)u, MAGIC2\), ONE_SIXTEENTH", cuda.SOURCE.read_text()).group(1),
+               16)
+    to_float = (lambda h: float(np.uint16(h).view(np.float16))) if f16 else (
+        lambda h: float(np.uint32(h << 16).view(np.float32)))
+
+    def to_bits(v: float) -> int:  # nearest 16-bit float, ties to even
+        if f16:
+            return int(np.float16(v).view(np.uint16))
+        m, e = np.frexp(v)
+        return int(np.float32(np.ldexp(np.rint(m * 256.0), e - 8)).view(np.uint32)) >> 16
+
+    def fma2(a: int, b: int, d: int) -> int:  # per half: a·b + d, rounded once
+        lo = to_bits(to_float(a & 0xFFFF) * to_float(b & 0xFFFF) + to_float(d & 0xFFFF))
+        hi = to_bits(to_float(a >> 16) * to_float(b >> 16) + to_float(d >> 16))
+        return hi << 16 | lo
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        codes = [int(v) for v in rng.integers(0, 8, 32)]
+        z = int(rng.integers(0, 8))
+        x = [int(v) for v in rng.integers(-3, 4, 32)]
+        stream = sum(q << (3 * j) for j, q in enumerate(codes))
+        words = [(stream >> (32 * i)) & 0xFFFFFFFF for i in range(3)]
+        nz3 = (c["NZ_BASE"] | z) << 16 | (c["NZ16_BASE"] | z << 4)
+        total = 0.0
+        for r in range(4):
+            a = 0x80008000
+            for i in range(4):
+                j = 8 * r + i
+                t = _window3(words, 3 * j - 4)
+                q = fma2((t & mask) | c["MAGIC"] * 0x10001, c["ONE_SIXTEENTH"], nz3)
+                assert (to_float(q & 0xFFFF), to_float(q >> 16)) == (codes[j] - z, codes[j + 4] - z), (j, z)
+                xp = to_bits(x[j + 4]) << 16 | to_bits(x[j])  # staged as (x_j, x_j+4)
+                a = fma2(q, xp, a if i else 0x80008000)
+            total += to_float(a & 0xFFFF) + to_float(a >> 16)
+        assert total == sum(xv * (q - z) for xv, q in zip(x, codes, strict=True))

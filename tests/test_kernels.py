@@ -161,7 +161,7 @@ def interpreted_results(out: str) -> None:
 
 
 CUDA_REFUSALS = {  # bits, layout, rows, dtype → what the error names
-    "3 bits": (3, "g32", 1, torch.bfloat16),
+    "8 bits": (8, "g32", 1, torch.bfloat16),
     "float32": (4, "g32", 1, torch.float32),
     "9 rows": (4, "g32", 9, torch.bfloat16),
     "groups": (4, "irregular-act", 1, torch.bfloat16),
@@ -352,6 +352,11 @@ CUDA_RUNS = [  # (bits, K, N, group size, act-order), rows, dtype, bias, config 
                                                                gather=True)),
     ((2, 4096, 11008, 128, False), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=32, num_stages=2, split=1)),
     ((2, 2048, 512, 2048, False), 2, torch.bfloat16, True, dict(bn=128, bk=128, num_warps=8, num_stages=2, split=2)),
+    ((3, 1024, 208, 128, False), 1, torch.bfloat16, True, dict(bn=32, bk=128, num_warps=8, num_stages=3, split=1)),
+    ((3, 2048, 512, 64, True), 5, torch.float16, False, dict(bn=64, bk=64, num_warps=4, num_stages=2, split=0)),
+    ((3, 4096, 4096, 128, True), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=16, num_stages=2, split=1)),
+    ((3, 4096, 11008, 128, False), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=16, num_stages=2,
+                                                                  split=2)),
     # the tensor-core variant (4 bits, up to 16 rows)
     ((4, 4096, 11008, 128, False), 16, torch.bfloat16, False, dict(kernel="mma", num_warps=4, num_stages=3, split=0)),
     ((4, 4096, 4096, 128, True), 16, torch.bfloat16, True, dict(kernel="mma", num_warps=4, num_stages=4, split=1)),
@@ -510,7 +515,7 @@ def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(
         assert names[0] == interpreted["defaults"][key] and len(names) == len(set(names)) >= 4, (key, names)
         kinds = {n.split()[0] for n in names}
         _, bits, _ = key
-        want = ({"gemv", "cuda"} if M == 1 and bits in (2, 4) else {"gemv"} if M == 1 else
+        want = ({"gemv", "cuda"} if M == 1 and bits in (2, 3, 4) else {"gemv"} if M == 1 else
                 {"dot", "mma"} if bits == 4 and M <= 16 else {"dot"})  # mma: the tensor-core CUDA variant
         assert kinds == want, names
     # interpreted, nothing is timed: a product without a config runs the hand-picked default
@@ -519,7 +524,7 @@ def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(
 
 
 def test_cuda_gemv_refuses_what_it_cannot_run_with_one_clear_error(interpreted):
-    expect = {"3 bits": "3 bits", "float32": "torch.float32", "9 rows": "9 rows", "groups": "groups", "cpu": "cpu"}
+    expect = {"8 bits": "8 bits", "float32": "torch.float32", "9 rows": "9 rows", "groups": "groups", "cpu": "cpu"}
     assert set(interpreted["cuda_refusals"]) == set(expect)
     for label, msg in interpreted["cuda_refusals"].items():
         assert msg and msg.startswith("config 'cuda n32 k32 s1 x4/1': the CUDA GEMV does not take"), (label, msg)
@@ -724,12 +729,12 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
         allowed |= {PATHS["mma"]} if bits == 4 and M <= 16 else set()
         assert compiled[name]["path"] in allowed, compiled[name]["path"]
     tuned = compiled[name]["tuned"]
-    if M == 1 and dtype == torch.bfloat16 and bits in (2, 4):  # the pairs unless tuning picked another path
+    if M == 1 and dtype == torch.bfloat16 and bits in (2, 3, 4):  # the pairs unless tuning picked another path
         kind = "cuda" if tuned.startswith("cuda") else "gemv" if tuned.endswith("-pairs") else "gemv-pairs"
         assert compiled[name]["path"] == PATHS[kind]
     skipped = compiled[name]["skipped"]  # only the CUDA GEMV, only where the shape does not fit it
     assert all(k.startswith(("cuda", "mma")) and "does not take" in v for k, v in skipped.items()), skipped
-    assert bool(skipped) == (bits in (2, 4) and M == 1 and K_ % 128 != 0), skipped
+    assert bool(skipped) == (bits in (2, 3, 4) and M == 1 and K_ % 128 != 0), skipped
     others = {k: v for k, v in compiled[name].items() if k not in ("y", "path", "tuned", "skipped")}
     assert tuned in others and len(others) >= 4
     for label, y_cfg in others.items():

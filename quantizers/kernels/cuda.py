@@ -30,10 +30,10 @@ import torch
 from quantizers.kernels import current_stream, gpu
 
 SOURCE = Path(__file__).with_name("gemv.cu")
-BITS = (2, 4)  # widths gemv.cu multiplies (a run of codes per byte: 2 or 4 bits)
+BITS = (2, 3, 4)  # widths gemv.cu multiplies
 MAX_ROWS = 8  # rows of x one launch takes (the dequantized pairs are reused across them)
 MIN_CAPABILITY = (8, 0)  # fma.rn.bf16x2, cvt.rn.bf16.f32
-CODES = {2: 16, 4: 8}  # codes per 32-bit word
+BLOCK = {2: (16, 1), 3: (32, 3), 4: (8, 1)}  # (codes, 32-bit words) of a packed block (gemv.cu's GV_CODES, GV_WPB)
 
 
 class CudaUnavailable(RuntimeError):
@@ -238,13 +238,13 @@ MMA_CHUNK = 64  # codes of k a warp of the tensor-core variant takes a step (8 w
 
 
 def shape(cfg, bits: int) -> tuple[int, int, int, int]:
-    """(columns a thread, warps a block, word rows a step, steps in flight) of a launch config: ``cfg.bn``
+    """(columns a thread, warps a block, packed blocks a step, steps in flight) of a launch config: ``cfg.bn``
     columns a block (32 × columns a thread: 4-, 8- or 16-byte loads), ``cfg.bk`` codes of K a step (one
     scale multiply per step), ``cfg.num_warps`` warps a block (they split the block's K range and add up
     in shared memory), ``cfg.num_stages`` steps in flight (that many − 1 loaded ahead)."""
     if cfg.kernel == "mma":  # 32 columns a block, a chunk of 64 codes a step
-        return 1, cfg.num_warps, MMA_CHUNK // CODES.get(bits, 8), cfg.num_stages
-    return max(1, cfg.bn // 32), cfg.num_warps, max(1, cfg.bk // CODES.get(bits, 1)), cfg.num_stages
+        return 1, cfg.num_warps, MMA_CHUNK // BLOCK.get(bits, (8, 1))[0], cfg.num_stages
+    return max(1, cfg.bn // 32), cfg.num_warps, max(1, cfg.bk // BLOCK.get(bits, (1, 1))[0]), cfg.num_stages
 
 
 def defines(bits: int, cfg, rows: int, dtype: torch.dtype, split: bool, bias: bool,
@@ -287,7 +287,7 @@ def supports(rt, M: int, dtype: torch.dtype, cfg) -> str | None:
     if not 1 <= M <= MAX_ROWS:
         return f"{M} rows (it takes 1 to {MAX_ROWS})"
     c, _, u, _ = shape(cfg, rt.bits)
-    step = CODES[rt.bits] * u  # codes of k a step
+    step = BLOCK[rt.bits][0] * u  # codes of k a step
     if rt.group_size is None or rt.K % step or (rt.group_size < rt.K and rt.group_size % step):
         return f"groups that are not a multiple of {step} codes"
     if rt.N % c or rt.qweight.data_ptr() % 16:
@@ -328,7 +328,7 @@ def split_k(rt, cfg, M: int, tiles: int, sms: int, perm: bool = False) -> tuple[
     ``cfg.split`` splits (0: enough blocks to give every SM ``cfg.warps_per_sm`` warps), at least as
     many as keep a block's ``x`` in shared memory (``perm``: next to all of ``x``), no empty block."""
     _, w, u, _ = shape(cfg, rt.bits)
-    steps = rt.K // (CODES[rt.bits] * u)
+    steps = rt.K // (BLOCK[rt.bits][0] * u)
     split = cfg.split or max(1, -(-max(1, cfg.warps_per_sm // w) * sms // tiles))
     if cfg.kernel != "mma":  # the tensor-core variant reads x from global memory
         room = X_SMEM - (M * rt.K * 2 if perm else 0)  # act-order: all of x is there too
@@ -369,10 +369,11 @@ def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool
     perm = perm and rt.perm is not None
     split, per = split_k(rt, cfg, M, tiles, gpu(device).sms, perm)
     k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl, perm), device)
-    smem = 0 if cfg.kernel == "mma" else M * per * shape(cfg, rt.bits)[2] * CODES[rt.bits] * 2 + (
+    codes, words = BLOCK[rt.bits]
+    smem = 0 if cfg.kernel == "mma" else M * per * shape(cfg, rt.bits)[2] * codes * 2 + (
         M * rt.K * 2 if perm else 0)
     k.allow_smem(smem)
-    return Launch(k, (tiles, split), per, smem, min(rt.group_size, rt.K) // CODES[rt.bits],
+    return Launch(k, (tiles, split), per, smem, min(rt.group_size, rt.K) // codes * words,
                   (M * rt.N, tiles) if split > 1 else (0, 0), pdl, perm, Params())
 
 

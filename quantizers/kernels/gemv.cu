@@ -3,18 +3,21 @@
 // handled as bits through inline PTX.
 //
 // y (ROWS, N) = x (ROWS, K) · W, W (K, N) given as GPTQ-packed codes in sorted-group order:
-//   qw     (K·BITS/32, N) uint32, word row r holds codes k = r·CODES … r·CODES + CODES − 1 of each column,
-//          code j at bit BITS·j;
+//   qw     (K·BITS/32, N) uint32 in packed blocks of WPB word rows: 2 and 4 bits, word row r holds codes
+//          k = r·CODES … r·CODES + CODES − 1 of each column, code j at bit BITS·j; 3 bits, 3 word rows hold
+//          32 codes as one 96-bit stream, code j at bit 3j (codes 10 and 21 straddle two words);
 //   scales (G, N) float16; zeros (G, N) uint8 (the true zero, not GPTQ's zero − 1); groups of `group_rows`
-//          word rows (a multiple of U, checked by the caller).
+//          word rows (a multiple of a step's, checked by the caller).
 //
 // Work: block (column tile, K split) = W warps; thread = C adjacent columns; warp = a contiguous range of
-// steps of U word rows. Each step's words, scales and zeros are loaded DEPTH − 1 steps ahead (registers as
-// the buffer); the block's x waits in shared memory. Per pair of codes 16 bits apart (4 bits: j, j + 4, one
-// shift; 2 bits: byte b's 4b, 4b + 1 or 4b + 2, 4b + 3, one prmt of the word and the word >> 2 for both):
+// steps of U packed blocks. Each step's words, scales and zeros are loaded DEPTH − 1 steps ahead (registers
+// as the buffer); the block's x waits in shared memory. Per pair of codes (4 bits: j, j + 4, 16 bits apart,
+// one shift; 2 bits: byte b's 4b, 4b + 1 or 4b + 2, 4b + 3, one prmt of the word and the word >> 2 for
+// both; 3 bits: j, j + 4, 12 bits apart, one shift or funnel shift of the block's stream that puts code j at
+// bit 4 and code j + 4 at bit 16, as ptx.pair_asm does):
 // one lop3 puts them under the bits of 2**e (ulp 1), one packed FMA subtracts 2**e + zero (exact
-// code − zero; the 2-bit codes at bit 4 times 1/16), one packed FMA multiplies by x's matching pair
-// (put in that order when x is staged). One word's products
+// code − zero; codes at bit 4 times 1/16), one packed FMA multiplies by x's matching pair
+// (put in that order when x is staged). One word's products (3 bits: a run of 4 pairs)
 // chain in 16 bits, then widen to float32 (as the Triton GEMV's pair path); the scale once per step.
 // The warps of a block add up through shared memory; with SPLIT the blocks of a column tile add into a
 // float32 workspace and the last one (counted) writes y, re-zeroing what it read. With PDL (sm_90+) the
@@ -61,14 +64,24 @@
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-#define GV_CODES (32 / GV_BITS)  // codes per word
-#define GV_XW (GV_CODES / 2)     // x's 32-bit words (pairs) per word row
+// a packed block: GV_WPB words holding GV_CODES codes (2 and 4 bits: one word; 3 bits: 32 codes in 3 words,
+// codes 10 and 21 straddling two words)
+#if GV_BITS == 3
+#define GV_WPB 3
+#define GV_CODES 32
+#else
+#define GV_WPB 1
+#define GV_CODES (32 / GV_BITS)
+#endif
+#define GV_XW (GV_CODES / 2)  // x's 32-bit words (pairs) per block
+#define GV_UW (GV_U * GV_WPB)  // word rows a step (GV_U blocks)
 #define GV_TPB (GV_W * 32)
 
 #if GV_F16
 #define MAGIC 0x6400u  // 1024: ulp 1
 #define ONE 0x3C003C00u
 #define SIXTEENTH 0x2C002C00u
+#define ONE_SIXTEENTH 0x3C002C00u  // (1/16 low, 1 high)
 #define NZ_BASE 0xE400u   // -(1024 + z) = NZ_BASE | z
 #define NZ16_BASE 0xD400u // -(64 + z) = NZ16_BASE | z << 4
 #define FMA2 "fma.rn.f16x2"
@@ -76,6 +89,7 @@ typedef unsigned short u16;
 #define MAGIC 0x4300u  // 128: ulp 1
 #define ONE 0x3F803F80u
 #define SIXTEENTH 0x3D803D80u
+#define ONE_SIXTEENTH 0x3F803D80u
 #define NZ_BASE 0xC300u   // -(128 + z)
 #define NZ16_BASE 0xC100u // -(8 + z) = NZ16_BASE | z << 4
 #define FMA2 "fma.rn.bf16x2"
@@ -92,6 +106,23 @@ static __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
     return d;
+}
+
+static __device__ __forceinline__ u32 shf_r(u32 lo, u32 hi, u32 n) {  // (hi:lo) >> n, 0 < n < 32
+    u32 d;
+    asm("shf.r.clamp.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(lo), "r"(hi), "r"(n));
+    return d;
+}
+
+// 3 bits: the 32 bits of the block's 96-bit stream (w2:w1:w0) from bit s on (s ≥ −4), enough to hold bits
+// s + 4 … s + 18 (code j at bit 4, code j + 4 at bit 16 for s = 3j − 4); s is a constant once unrolled
+static __device__ __forceinline__ u32 window3(u32 w0, u32 w1, u32 w2, int s) {
+    if (s < 0) return w0 << (-s);
+    const int w = s >> 5, o = s & 31;
+    const u32 lo = w == 0 ? w0 : w == 1 ? w1 : w2;
+    if (o == 0) return lo;
+    if (w == 2 || s + 19 <= 32 * (w + 1)) return lo >> o;  // both codes in this word
+    return shf_r(lo, w == 0 ? w1 : w2, o);
 }
 
 static __device__ __forceinline__ u32 lop3_or_and(u32 a, u32 mask, u32 magic) {  // (a & mask) | magic
@@ -178,7 +209,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const int n0 = (blockIdx.x * 32 + lane) * GV_C;  // this thread's first column
     const bool n_ok = n0 < N;
     const int nc = n_ok ? n0 : 0;
-    const int steps = (K / GV_CODES) / GV_U;
+    const int steps = (K / GV_CODES) / GV_U;  // steps of GV_U blocks
     const int s0 = blockIdx.y * steps_per_split;
     const int s1 = min(steps, s0 + steps_per_split);
     const int per_warp = (s1 - s0 + GV_W - 1) / GV_W;
@@ -187,13 +218,13 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const int xrows = (s1 - s0) * GV_U * GV_XW;  // pairs of x per row in shared memory
 
     // the words, zeros and scales of step d (of this warp), into ring slot `slot`
-    u32 buf[GV_DEPTH][GV_U][GV_C];
+    u32 buf[GV_DEPTH][GV_UW][GV_C];
     u32 zb[GV_DEPTH][GV_C];
     u16 sb[GV_DEPTH][GV_C];
     // running pointers of the next fetch: words, and the (group, column) of scales and zeros
-    const u32* wp = qw + (size_t)w0 * GV_U * N + nc;
+    const u32* wp = qw + (size_t)w0 * GV_UW * N + nc;
     const unsigned gr = (unsigned)group_rows;
-    unsigned frow = (unsigned)(w0 * GV_U);  // first word row of the next fetch
+    unsigned frow = (unsigned)(w0 * GV_UW);  // first word row of the next fetch
 #define GV_FETCH(d, slot)                                                                   \
     if ((d) < nsteps) {                                                                     \
         const unsigned g = (frow / gr) * (unsigned)N + (unsigned)nc;                        \
@@ -202,9 +233,9 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
             sb[slot][c] = scales[g + c];                                                    \
         }                                                                                   \
         if (n_ok)                                                                           \
-            _Pragma("unroll") for (int u = 0; u < GV_U; ++u) load_words(wp + u * N, buf[slot][u]); \
-        wp += GV_U * N;                                                                     \
-        frow += GV_U;                                                                       \
+            _Pragma("unroll") for (int u = 0; u < GV_UW; ++u) load_words(wp + u * N, buf[slot][u]); \
+        wp += GV_UW * N;                                                                    \
+        frow += GV_UW;                                                                      \
     }
 #pragma unroll
     for (int d = 0; d < GV_DEPTH - 1; ++d) GV_FETCH(d, d)
@@ -247,14 +278,14 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
         const u16* xm = xall + (size_t)m * K;
         const u32 v0 = xm[p0.a], v1 = xm[p0.b], v2 = xm[p0.c], v3 = xm[p0.d];
         const u32 v4 = xm[p1.a], v5 = xm[p1.b], v6 = xm[p1.c], v7 = xm[p1.d];
-#if GV_BITS == 4  // pairs (x_j, x_j+4), as below
+#if GV_BITS != 2  // pairs (x_j, x_j+4), as below
         smem4[i] = V4{v0 | v4 << 16, v1 | v5 << 16, v2 | v6 << 16, v3 | v7 << 16};
 #else
         smem4[i] = V4{v0 | v1 << 16, v2 | v3 << 16, v4 | v5 << 16, v6 | v7 << 16};
 #endif
 #else
         const V4 v = reinterpret_cast<const V4*>(x + (size_t)m * ldx + (size_t)s0 * GV_U * GV_CODES)[j];
-#if GV_BITS == 4  // pairs (x_j, x_j+4) of each word row's 8, as the codes j, j + 4 lie 16 bits apart
+#if GV_BITS != 2  // pairs (x_j, x_j+4) of each run of 8, as the codes j, j + 4 are paired (16 or 12 bits apart)
         smem4[i] = V4{prmt(v.a, v.c, 0x5410), prmt(v.a, v.c, 0x7632), prmt(v.b, v.d, 0x5410), prmt(v.b, v.d, 0x7632)};
 #else  // pairs (x_2i, x_2i+1) as they are
         smem4[i] = v;
@@ -275,7 +306,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
             const int st = base + d;
             if (st < nsteps) {
                 GV_FETCH(st + GV_DEPTH - 1, (d + GV_DEPTH - 1) % GV_DEPTH)
-                const int xr0 = (w0 - s0 + st) * GV_U;  // the step's first word row within the block's x
+                const int xr0 = (w0 - s0 + st) * GV_U;  // the step's first packed block within the block's x
                 float s[GV_ROWS][GV_C];
 #pragma unroll
                 for (int m = 0; m < GV_ROWS; ++m)
@@ -284,12 +315,43 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #pragma unroll
                 for (int c = 0; c < GV_C; ++c) {
                     const u32 z = zb[d][c];
+#if GV_BITS != 3
                     const u32 nz = (NZ_BASE | z) * 0x10001u;
+#endif
 #if GV_BITS == 2
                     const u32 nz16 = (NZ16_BASE | (z << 4)) * 0x10001u;
+#elif GV_BITS == 3  // −(2**e / 16 + z) low (the code at bit 4 times 1/16), −(2**e + z) high
+                    const u32 nz3 = ((NZ_BASE | z) << 16) | (NZ16_BASE | (z << 4));
 #endif
 #pragma unroll
                     for (int u = 0; u < GV_U; ++u) {
+                        u32 a[GV_ROWS];
+#if GV_BITS == 3  // 16 pairs a block: x's read a run of 4 pairs at a time (registers at 8 rows)
+                        const u32 w0 = buf[d][3 * u][c], w1 = buf[d][3 * u + 1][c], w2 = buf[d][3 * u + 2][c];
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {  // run r: codes 8r … 8r + 7, pairs (8r + i, 8r + i + 4)
+                            u32 xv[GV_ROWS][4];
+#pragma unroll
+                            for (int m = 0; m < GV_ROWS; ++m) {
+                                const V4 v = smem4[(m * xrows + (xr0 + u) * GV_XW) / 4 + r];
+                                xv[m][0] = v.a;
+                                xv[m][1] = v.b;
+                                xv[m][2] = v.c;
+                                xv[m][3] = v.d;
+                            }
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) {
+                                const u32 t = window3(w0, w1, w2, 3 * (8 * r + i) - 4);
+                                const u32 q = fma2(lop3_or_and(t, 0x00070070u, MAGIC2), ONE_SIXTEENTH, nz3);
+#pragma unroll
+                                for (int m = 0; m < GV_ROWS; ++m) a[m] = fma2(q, xv[m][i], i ? a[m] : 0x80008000u);
+                            }
+                            if (r < 3) {  // a run's 4 products widen to float32 (the last run's below)
+#pragma unroll
+                                for (int m = 0; m < GV_ROWS; ++m) s[m][c] += lo_f32(a[m]) + hi_f32(a[m]);
+                            }
+                        }
+#else
                         u32 xv[GV_ROWS][GV_XW];
 #pragma unroll
                         for (int m = 0; m < GV_ROWS; ++m)
@@ -302,7 +364,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
                                 xv[m][i + 3] = v.d;
                             }
                         const u32 w = buf[d][u][c];
-                        u32 a[GV_ROWS];
+#endif
 #if GV_BITS == 4
 #pragma unroll
                         for (int i = 0; i < 4; ++i) {  // codes i, i + 4 at bits 4i, 4i + 16
@@ -311,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #pragma unroll
                             for (int m = 0; m < GV_ROWS; ++m) a[m] = fma2(q, xv[m][i], i ? a[m] : 0x80008000u);
                         }
-#else
+#elif GV_BITS == 2
                         const u32 sh = w >> 2;
 #pragma unroll
                         for (int b = 0; b < 4; ++b) {  // byte b: codes 4b, 4b + 1 (bits 0, 2), 4b + 2, 4b + 3 (4, 6)
