@@ -47,6 +47,11 @@ VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl, perm: the tuning ca
     (3, G(c=4, w=4, u=2, depth=2, bits=3), 8, torch.bfloat16, True, True, False, True),
     (3, G(c=1, w=32, u=2, depth=3, bits=3), 1, torch.float16, False, False, True, False),
     (3, G(c=1, w=32, u=4, depth=2, bits=3), 1, torch.bfloat16, False, True, True, False),
+    # tuning's candidates for 2 to 8 rows at their most registers
+    (3, G(c=2, w=8, u=2, depth=2, bits=3), 8, torch.bfloat16, True, False, True, False),
+    (2, G(c=2, w=8, u=4, depth=2, bits=2), 8, torch.bfloat16, True, True, True, False),
+    (3, G(c=1, w=16, u=2, depth=3, bits=3), 8, torch.float16, True, False, True, False),
+    (4, G(c=1, w=4, u=16, depth=2), 8, torch.bfloat16, True, False, True, True),
 ]
 
 
@@ -56,6 +61,11 @@ MMA_VARIANTS = [  # config, rows, dtype, split, bias, pdl: the tensor-core varia
     (Config("mma", num_warps=8, num_stages=2), 1, torch.bfloat16, True, True, True),
     (Config("mma", num_warps=2, num_stages=4), 9, torch.bfloat16, False, False, True),
     (Config("mma", num_warps=16, num_stages=3), 16, torch.bfloat16, True, True, False),
+    # x a chunk ahead
+    (Config("mma", num_warps=4, num_stages=3, prefetch=True), 16, torch.bfloat16, True, False, True),
+    (Config("mma", num_warps=8, num_stages=2, prefetch=True), 4, torch.float16, False, True, True),
+    (Config("mma", num_warps=2, num_stages=4, prefetch=True), 9, torch.bfloat16, True, True, False),
+    (Config("mma", num_warps=4, num_stages=1, prefetch=True), 16, torch.bfloat16, False, False, True),
 ]
 
 
@@ -67,7 +77,7 @@ def test_tensor_core_variant_compiles_without_spills(arch, i, tmp_path):
     if pdl and arch == "80":
         pytest.skip("griddepcontrol (programmatic dependent launch) is sm_90+")
     d = cuda.defines(4, cfg, rows, dtype, split, bias, pdl)
-    assert d["MMA"] == 1 and d["PERM"] == 0
+    assert d["MMA"] == 1 and d["PERM"] == 0 and d["XAHEAD"] == int(cfg.prefetch)
     proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "k.cubin"),
                            *[f"-DGV_{k}={v}" for k, v in d.items()], "-Xptxas", "-v", str(cuda.SOURCE)],
                           capture_output=True, text=True, timeout=300)

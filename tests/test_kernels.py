@@ -352,7 +352,7 @@ CUDA_RUNS = [  # (bits, K, N, group size, act-order), rows, dtype, bias, config 
                                                                gather=True)),
     ((2, 4096, 11008, 128, False), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=32, num_stages=2, split=1)),
     ((2, 2048, 512, 2048, False), 2, torch.bfloat16, True, dict(bn=128, bk=128, num_warps=8, num_stages=2, split=2)),
-    ((3, 1024, 208, 128, False), 1, torch.bfloat16, True, dict(bn=32, bk=128, num_warps=8, num_stages=3, split=1)),
+    ((3, 1024, 224, 128, False), 1, torch.bfloat16, True, dict(bn=64, bk=128, num_warps=8, num_stages=3, split=1)),
     ((3, 2048, 512, 64, True), 5, torch.float16, False, dict(bn=64, bk=64, num_warps=4, num_stages=2, split=0)),
     ((3, 4096, 4096, 128, True), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=16, num_stages=2, split=1)),
     ((3, 4096, 11008, 128, False), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=16, num_stages=2,
@@ -363,6 +363,15 @@ CUDA_RUNS = [  # (bits, K, N, group size, act-order), rows, dtype, bias, config 
     ((4, 1024, 200, 64, False), 5, torch.float16, True, dict(kernel="mma", num_warps=2, num_stages=2, split=3)),
     ((4, 2048, 520, 2048, True), 9, torch.bfloat16, False, dict(kernel="mma", num_warps=8, num_stages=2, split=1)),
     ((4, 11008, 4096, 128, False), 4, torch.bfloat16, False, dict(kernel="mma", num_warps=4, num_stages=3, split=0)),
+    # x a chunk ahead: rows of both halves, one row, a ragged last split, one stage
+    ((4, 4096, 11008, 128, True), 16, torch.bfloat16, True, dict(kernel="mma", num_warps=4, num_stages=3, split=0,
+                                                                 prefetch=True)),
+    ((4, 2048, 520, 128, False), 9, torch.float16, False, dict(kernel="mma", num_warps=2, num_stages=4, split=3,
+                                                               prefetch=True)),
+    ((4, 4096, 4096, 128, False), 1, torch.bfloat16, True, dict(kernel="mma", num_warps=8, num_stages=2, split=1,
+                                                                prefetch=True)),
+    ((4, 1024, 200, 64, True), 3, torch.bfloat16, False, dict(kernel="mma", num_warps=4, num_stages=1, split=0,
+                                                              prefetch=True)),
 ]
 
 
@@ -449,7 +458,11 @@ GPU_CASES = {  # bits, K, N, group size, act-order, M, dtype
      "4b-4096x11008-seq-m64-positive": (4, 4096, 11008, 128, False, 64, torch.bfloat16),
      "3b-4096x4096-act-m64": (3, 4096, 4096, 128, True, 64, torch.bfloat16),
      "4b-4096x11008-seq-m1-positive": (4, 4096, 11008, 128, False, 1, torch.bfloat16),
-     "2b-4112x1008-act-m1-positive": (2, 4112, 1008, 128, True, 1, torch.bfloat16)}
+     "2b-4112x1008-act-m1-positive": (2, 4112, 1008, 128, True, 1, torch.bfloat16),
+     # 2 to 8 rows: the CUDA GEMV's candidates too (act-order's x too large for shared memory at 8 × 11008)
+     "3b-4096x11008-seq-m4": (3, 4096, 11008, 128, False, 4, torch.bfloat16),
+     "3b-11008x4096-act-m8": (3, 11008, 4096, 128, True, 8, torch.bfloat16),
+     "4b-4096x4096-act-m3-fp16": (4, 4096, 4096, 128, True, 3, torch.float16)}
 # x shifted away from zero mean: the dot kernel takes (OFF + zero) · Σ x off a sum of x · (OFF + code)
 # and for the GEMV's bfloat16 pairs (sums that do not cancel; K and N off the tiles)
 GPU_SHIFT = {"4b-11008x4096-seq-m16-fp16-positive": 1.0, "4b-4096x11008-seq-m64-positive": 1.0,
@@ -515,8 +528,9 @@ def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(
         assert names[0] == interpreted["defaults"][key] and len(names) == len(set(names)) >= 4, (key, names)
         kinds = {n.split()[0] for n in names}
         _, bits, _ = key
-        want = ({"gemv", "cuda"} if M == 1 and bits in (2, 3, 4) else {"gemv"} if M == 1 else
-                {"dot", "mma"} if bits == 4 and M <= 16 else {"dot"})  # mma: the tensor-core CUDA variant
+        want = ({"gemv", "cuda"} if M == 1 and bits in (2, 3, 4) else {"gemv"} if M == 1 else {"dot"})
+        want |= {"cuda"} if 1 < M <= 8 and bits in (2, 3, 4) else set()  # the CUDA GEMV up to 8 rows
+        want |= {"mma"} if 1 < M <= 16 and bits == 4 else set()  # its tensor-core variant up to 16
         assert kinds == want, names
     # interpreted, nothing is timed: a product without a config runs the hand-picked default
     assert interpreted["tuning"] is False and interpreted["tuned"] is True
@@ -727,6 +741,7 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
         # or, where tuning picked it, the tensor-core CUDA variant (4 bits, up to 16 rows)
         allowed = {PATHS["dot-magic" if bits in (2, 4) else "dot"]}
         allowed |= {PATHS["mma"]} if bits == 4 and M <= 16 else set()
+        allowed |= {PATHS["cuda"]} if bits in (2, 3, 4) and M <= 8 else set()  # the CUDA GEMV up to 8 rows
         assert compiled[name]["path"] in allowed, compiled[name]["path"]
     tuned = compiled[name]["tuned"]
     if M == 1 and dtype == torch.bfloat16 and bits in (2, 3, 4):  # the pairs unless tuning picked another path
@@ -734,7 +749,9 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
         assert compiled[name]["path"] == PATHS[kind]
     skipped = compiled[name]["skipped"]  # only the CUDA GEMV, only where the shape does not fit it
     assert all(k.startswith(("cuda", "mma")) and "does not take" in v for k, v in skipped.items()), skipped
-    assert bool(skipped) == (bits in (2, 3, 4) and M == 1 and K_ % 128 != 0), skipped
+    cuda_bits = bits in (2, 3, 4)
+    x_too_large = act and 1 < M <= 8 and M * K_ * 2 > 48 * 1024  # next to all of act-order's x in shared memory
+    assert bool(skipped) == (cuda_bits and ((M == 1 and K_ % 128 != 0) or x_too_large)), skipped
     others = {k: v for k, v in compiled[name].items() if k not in ("y", "path", "tuned", "skipped")}
     assert tuned in others and len(others) >= 4
     for label, y_cfg in others.items():
@@ -795,6 +812,19 @@ def test_compiled_tiny_model_logits_agree_across_backends(compiled):
     for torch_logits, triton_logits in zip(out["torch"], out["triton"], strict=True):
         assert rel_err(triton_logits, torch_logits) < 1e-2  # float16 model: float32 sums against cuBLAS's
     assert sum(out["paths-triton"].values()) == 7 and set(out["paths-triton"]) <= set(PATHS.values())
+
+
+@pytest.mark.parametrize("i", range(len(CUDA_RUNS)))
+def test_cuda_runs_are_products_the_cuda_kernels_take(i):
+    """The GPU table checked on the CPU: every row packs and its config is one the CUDA kernel accepts
+    (a row that does not would fail the whole compiled fixture on the GPU)."""
+    from quantizers.kernels import cuda
+    from quantizers.kernels import triton_gemm as tg
+
+    (bits, K_, N_, gs, act), M, dtype, bias, fields = CUDA_RUNS[i]
+    res, _ = gpu_inputs(bits, K_, N_, gs, act, 1, dtype)
+    rt = tg.runtime_of(module_of(res, None, dtype))
+    assert cuda.supports(rt, M, dtype, tg.Config(**{"kernel": "cuda", **fields})) is None
 
 
 @pytest.mark.gpu

@@ -254,7 +254,7 @@ def defines(bits: int, cfg, rows: int, dtype: torch.dtype, split: bool, bias: bo
     out = dict(BITS=bits, C=c, W=w, U=u, DEPTH=depth, ROWS=rows, F16=int(dtype == torch.float16),
                SPLIT=int(split), HAS_BIAS=int(bias), PDL=int(pdl), PERM=int(perm))
     if cfg.kernel == "mma":
-        out.update(MMA=1, PERM=0)  # x in sorted order: act-order's gathered first
+        out.update(MMA=1, PERM=0, XAHEAD=int(cfg.prefetch))  # x in sorted order: act-order's gathered first
     return out
 
 

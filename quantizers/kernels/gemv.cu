@@ -60,6 +60,9 @@
 #ifndef GV_MMA  // the tensor-core variant for up to 16 rows (4 bits; see below the GEMV)
 #define GV_MMA 0
 #endif
+#ifndef GV_XAHEAD  // (GV_MMA) a lane's x of a chunk in two 16-byte loads a row, one chunk ahead
+#define GV_XAHEAD 0
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -461,7 +464,9 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 // x's are 4 adjacent values of its rows g and g + 8 (8 bytes each). A chunk's four steps accumulate in float32
 // in the tensor cores, then times the chunk's scales (lane (g, t) holds output columns 8t … 8t + 7: one 16-byte
 // load of scales) into the totals. The warps add up through shared memory; with SPLIT, blocks through the
-// workspace as the GEMV's do.
+// workspace as the GEMV's do. With XAHEAD a lane's x of a chunk (its rows' k = 16t … 16t + 15: 32 bytes a row,
+// step s's pairs in words 2s, 2s + 1) is loaded in two 16-byte loads a row one chunk ahead, instead of one
+// 8-byte load a row a step as the step needs it; rows past MM_ROWS are not loaded.
 #define MM_ROWS GV_ROWS  // 1 … 16
 #if GV_F16
 #define MMA_OP "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
@@ -477,6 +482,10 @@ static __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u
 
 static __device__ __forceinline__ void ld_x8(const u16* p, u32& lo, u32& hi) {  // 4 x values, 8 bytes
     asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(lo), "=r"(hi) : "l"(p));
+}
+
+static __device__ __forceinline__ void ld_x16(const u16* p, V4& v) {  // 8 x values, 16 bytes
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(p));
 }
 
 extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
@@ -527,6 +536,34 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const int ra = g < MM_ROWS ? g : 0, rb = g + 8 < MM_ROWS ? g + 8 : 0;  // x's rows for this lane (clamped)
     const u16* xa = x + (size_t)ra * ldx + 16 * t;
     const u16* xb = x + (size_t)rb * ldx + 16 * t;
+#if GV_XAHEAD
+    // the x of chunk dd (a lane's 16 values of rows g and g + 8) into slot sl; zeros for rows past MM_ROWS
+    V4 xv[GV_DEPTH][2];
+#if MM_ROWS > 8
+    V4 xw[GV_DEPTH][2];
+#define MM_XROW8(dd, sl)                                                                             \
+    if (g + 8 < MM_ROWS) {                                                                           \
+        ld_x16(xb + (w0 + (dd)) * 64, xw[sl][0]);                                                   \
+        ld_x16(xb + (w0 + (dd)) * 64 + 8, xw[sl][1]);                                               \
+    } else {                                                                                         \
+        xw[sl][0] = xw[sl][1] = V4{0u, 0u, 0u, 0u};                                                  \
+    }
+#else
+#define MM_XROW8(dd, sl)
+#endif
+#define MM_XFETCH(dd, sl)                                                                            \
+    if ((dd) < nchunks) {                                                                            \
+        if (g < MM_ROWS) {                                                                           \
+            ld_x16(xa + (w0 + (dd)) * 64, xv[sl][0]);                                               \
+            ld_x16(xa + (w0 + (dd)) * 64 + 8, xv[sl][1]);                                           \
+        } else {                                                                                     \
+            xv[sl][0] = xv[sl][1] = V4{0u, 0u, 0u, 0u};                                              \
+        }                                                                                            \
+        MM_XROW8(dd, sl)                                                                             \
+    }
+#define MM_XNEXT (GV_DEPTH > 1 ? 1 : 0)  // chunks ahead (one slot only: the current chunk's)
+    if (MM_XNEXT) MM_XFETCH(0, 0)
+#endif
 
     float tot[4][4];
 #pragma unroll
@@ -540,7 +577,17 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
             const int ch = base + d;
             if (ch < nchunks) {
                 MM_FETCH(ch + GV_DEPTH - 1, (d + GV_DEPTH - 1) % GV_DEPTH)
+#if GV_XAHEAD
+                MM_XFETCH(ch + MM_XNEXT, (d + MM_XNEXT) % GV_DEPTH)
+                const u32 xr[8] = {xv[d][0].a, xv[d][0].b, xv[d][0].c, xv[d][0].d,
+                                   xv[d][1].a, xv[d][1].b, xv[d][1].c, xv[d][1].d};
+#if MM_ROWS > 8
+                const u32 xs[8] = {xw[d][0].a, xw[d][0].b, xw[d][0].c, xw[d][0].d,
+                                   xw[d][1].a, xw[d][1].b, xw[d][1].c, xw[d][1].d};
+#endif
+#else
                 const int k0 = (w0 + ch) * 64;
+#endif
                 const u32 wz[4] = {zb[d] & 0xFFu, (zb[d] >> 8) & 0xFFu, (zb[d] >> 16) & 0xFFu, zb[d] >> 24};
                 u32 nz[4];
 #pragma unroll
@@ -554,11 +601,20 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #pragma unroll
                 for (int s = 0; s < 4; ++s) {
                     u32 a0, a2, a1 = 0u, a3 = 0u;  // rows g (a0: k pair 0, 1; a2: 2, 3) and g + 8
+#if GV_XAHEAD
+                    a0 = xr[2 * s];
+                    a2 = xr[2 * s + 1];
+#if MM_ROWS > 8
+                    a1 = xs[2 * s];
+                    a3 = xs[2 * s + 1];
+#endif
+#else
                     ld_x8(xa + k0 + 4 * s, a0, a2);
                     if (g >= MM_ROWS) a0 = a2 = 0u;
 #if MM_ROWS > 8
                     ld_x8(xb + k0 + 4 * s, a1, a3);
                     if (g + 8 >= MM_ROWS) a1 = a3 = 0u;
+#endif
 #endif
                     const int byte = 2 * (s & 1);
 #pragma unroll
@@ -588,6 +644,11 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
         }
     }
 #undef MM_FETCH
+#if GV_XAHEAD
+#undef MM_XFETCH
+#undef MM_XROW8
+#undef MM_XNEXT
+#endif
 
 #pragma unroll
     for (int i = 0; i < 4; ++i)

@@ -774,7 +774,9 @@ class Config:
     cuda (:func:`cuda.shape`): ``bn`` columns a block (32 × columns a thread), ``bk`` codes of ``k`` a
     step, ``num_warps`` warps a block, ``num_stages`` steps in flight, ``split`` K splits (0: enough blocks
     to give every SM ``warps_per_sm`` warps); under act-order the kernel reads ``x[perm[k]]`` as it stages
-    ``x`` unless ``gather``."""
+    ``x`` unless ``gather``. mma (the CUDA GEMV's tensor-core variant): ``num_warps``, ``num_stages``,
+    ``split``/``warps_per_sm`` as cuda's; ``prefetch`` loads a lane's ``x`` of a chunk one chunk ahead, 32
+    bytes a row in two loads, instead of 8 bytes a row as each step needs it."""
 
     kernel: str = "gemv"
     bn: int = 128
@@ -800,7 +802,7 @@ class Config:
             gather = "+g" if self.gather else ""
             return f"cuda n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{gather}"
         if self.kernel == "mma":
-            return f"mma n32 k64 {split} x{self.num_warps}/{self.num_stages}"
+            return f"mma n32 k64 {split} x{self.num_warps}/{self.num_stages}" + ("+pf" if self.prefetch else "")
         swap = "+sw" if self.swap else ""
         return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{swap}"
 
@@ -828,10 +830,22 @@ CUDA_CONFIGS = [Config("cuda", bn=32, bk=128, num_warps=16, num_stages=2, split=
                 Config("cuda", bn=32, bk=128, num_warps=8, num_stages=3, split=1)]
 
 
+# The CUDA GEMV's candidates for 2 to 8 rows (K split as x's rows need shared memory): one or two columns a thread
+CUDA_ROWS_CONFIGS = [Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2, split=1),
+                     Config("cuda", bn=32, bk=64, num_warps=16, num_stages=3, split=1),
+                     Config("cuda", bn=64, bk=64, num_warps=8, num_stages=2, warps_per_sm=16),
+                     Config("cuda", bn=32, bk=128, num_warps=4, num_stages=2, warps_per_sm=16)]
+
+
 MMA_CONFIGS = [Config("mma", num_warps=4, num_stages=3, warps_per_sm=16),
                Config("mma", num_warps=4, num_stages=4, warps_per_sm=32),
                Config("mma", num_warps=8, num_stages=2, warps_per_sm=16),
-               Config("mma", num_warps=2, num_stages=4, warps_per_sm=16)]
+               Config("mma", num_warps=2, num_stages=4, warps_per_sm=16),
+               # x a chunk ahead (more registers: 156 at 16 rows, 3 stages)
+               Config("mma", num_warps=4, num_stages=3, warps_per_sm=16, prefetch=True),
+               Config("mma", num_warps=4, num_stages=2, warps_per_sm=12, prefetch=True),
+               Config("mma", num_warps=8, num_stages=2, warps_per_sm=16, prefetch=True),
+               Config("mma", num_warps=2, num_stages=4, warps_per_sm=12, prefetch=True)]
 
 
 def default_config(M: int, bits: int, act_order: bool = False) -> Config:
@@ -905,6 +919,10 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
                 Config("dot", bm=bm, bn=32, bk=128, num_warps=2, num_stages=3, warps_per_sm=12, swap=True)]
     if bits not in DQ16_BITS:  # swap only changes the 16-bit path
         out = [c for c in out if not c.swap]
+    if bits in cuda.BITS and M <= cuda.MAX_ROWS:  # the CUDA GEMV, its dequantized pairs reused across the rows
+        out += CUDA_ROWS_CONFIGS
+        if act_order:  # x gathered first: all of it need not fit next to the block's
+            out.append(replace(CUDA_ROWS_CONFIGS[0], gather=True))
     if bits == 4 and M <= cuda.MMA_ROWS:  # the tensor-core CUDA variant (where it can run: tuning skips it elsewhere)
         out += MMA_CONFIGS
     return list(dict.fromkeys(out))
