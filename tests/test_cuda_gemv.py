@@ -66,6 +66,7 @@ MMA_VARIANTS = [  # config, rows, dtype, split, bias, pdl: the tensor-core varia
     (Config("mma", num_warps=8, num_stages=2, prefetch=True), 4, torch.float16, False, True, True),
     (Config("mma", num_warps=2, num_stages=4, prefetch=True), 9, torch.bfloat16, True, True, False),
     (Config("mma", num_warps=4, num_stages=1, prefetch=True), 16, torch.bfloat16, False, False, True),
+    (Config("mma", num_warps=16, num_stages=2, prefetch=True), 16, torch.bfloat16, True, True, True),
 ]
 
 
