@@ -444,7 +444,7 @@ def cuda_gemv_results() -> dict:
         y2 = tg.matmul(x.cuda(), rt, m.bias, cfg)
         plan = next(iter(rt.plans.values()))
         out[i] = {"y": y1.cpu(), "again": y2.cpu(), "path": rt.path, "gather": plan.gather_x, "pdl": plan.pdl,
-                  "hopper": torch.cuda.get_device_capability() >= (9, 0)}
+                  "hopper": torch.cuda.get_device_capability() >= (9, 0), "permuted": rt.perm is not None}
     return out
 
 
@@ -825,6 +825,7 @@ def test_cuda_runs_are_products_the_cuda_kernels_take(i):
     res, _ = gpu_inputs(bits, K_, N_, gs, act, 1, dtype)
     rt = tg.runtime_of(module_of(res, None, dtype))
     assert cuda.supports(rt, M, dtype, tg.Config(**{"kernel": "cuda", **fields})) is None
+    assert (rt.perm is not None) == (act and gs < K_)  # what the GPU test expects of the run's permutation
 
 
 @pytest.mark.gpu
@@ -836,8 +837,10 @@ def test_cuda_gemv_matches_dequantize_then_matmul(compiled, i):
     run = compiled["cuda"][i]
     kind = fields.get("kernel", "cuda")
     assert run["path"] == PATHS[kind] and run["y"].dtype == dtype and run["y"].shape == (M, N_)
-    # act-order: the GEMV gathers x as it stages it unless told otherwise; the tensor-core variant reads it gathered
-    assert run["gather"] == (act and (fields.get("gather", False) or kind == "mma"))
+    # act-order: the GEMV gathers x as it stages it unless told otherwise; the tensor-core variant reads it gathered.
+    # One group (group size K): the sorted order is the identity, so the runtime keeps no permutation
+    assert run["permuted"] == (act and gs < K_)
+    assert run["gather"] == (run["permuted"] and (fields.get("gather", False) or kind == "mma"))
     assert run["pdl"] == run["hopper"]  # overlapped launches on sm_90+
     ref = reference(res, x, b)
     assert rel_err(run["y"], ref) < TOL[torch.bfloat16]  # bfloat16-pair sums even for float16 x (float16 pairs)

@@ -93,7 +93,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantizers.kernels import cuda, current_stream, gpu, l2_copies, ptx
+from quantizers.kernels import cuda, current_stream, device_index, gpu, l2_copies, ptx
 from quantizers.kernels.ptx import PAIR_BITS, RUN_CONSTRAINTS, pair_asm, pair_constraints, run_asm
 from quantizers.pack import unpack_rows
 from quantizers.qlinear import Backend, QuantLinear, register_backend
@@ -475,7 +475,7 @@ def gather_columns(x: torch.Tensor, perm: torch.Tensor, pdl: bool = False) -> to
     programmatic dependent launch, overlapping the kernels before and after it (:func:`pdl_runs`)."""
     M, K = x.shape
     y = torch.empty((M, K), dtype=x.dtype, device=x.device)
-    key = (M, K, pdl, x.device)
+    key = (M, K, pdl, x.get_device())  # the device's index (−1: the CPU), as plans are keyed
     launch = _GATHERS.get(key)
     if launch is None:
         fixed = dict(K=K, BLOCK=GATHER_BLOCK, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
@@ -486,7 +486,7 @@ def gather_columns(x: torch.Tensor, perm: torch.Tensor, pdl: bool = False) -> to
 
 
 GATHER_BLOCK = 1024  # columns a program of the gather
-_GATHERS: dict[tuple, _ThroughTriton] = {}  # the gather's launches by (rows, K, overlapped, device)
+_GATHERS: dict[tuple, _ThroughTriton] = {}  # the gather's launches by (rows, K, overlapped, device index)
 
 
 @triton.jit
@@ -976,7 +976,7 @@ def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Te
     split-K on ``device``'s current stream; kernels leave them zero again, so they are allocated once and
     reused."""
     if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
+        idx = device_index(device)
         key = (idx, current_stream(idx))
     else:
         key = (device.type, 0)
