@@ -18,9 +18,9 @@ NVCC = shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cu
 
 
 def G(c: int = 1, w: int = 8, u: int = 4, depth: int = 3, split: int = 1, bits: int = 4, **kw) -> Config:
-    """A ``cuda`` launch config by the kernel's own units: ``c`` columns a thread, ``w`` warps, ``u`` word rows
-    a step, ``depth`` steps in flight."""
-    return Config("cuda", bn=32 * c, bk=u * cuda.CODES[bits], num_warps=w, num_stages=depth, split=split, **kw)
+    """A ``cuda`` launch config by the kernel's own units: ``c`` columns a thread, ``w`` warps, ``u`` packed
+    blocks a step (a word each at 2 and 4 bits, three at 3 bits), ``depth`` steps in flight."""
+    return Config("cuda", bn=32 * c, bk=u * cuda.BLOCK[bits][0], num_warps=w, num_stages=depth, split=split, **kw)
 
 
 VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl, perm: the tuning candidates' shapes and the extremes
@@ -40,12 +40,72 @@ VARIANTS = [  # bits, config, rows, dtype, split, bias, pdl, perm: the tuning ca
     (2, G(c=1, w=32, u=8, depth=2, bits=2), 1, torch.bfloat16, False, False, True, True),
     (4, G(c=4, w=4, u=8, depth=2), 8, torch.float16, True, True, False, True),
     (2, G(c=2, w=2, u=4, depth=4, bits=2), 5, torch.bfloat16, False, True, False, True),
+    # 3 bits: blocks of 3 words, codes straddling them
+    (3, G(c=1, w=16, u=4, depth=2, bits=3), 1, torch.bfloat16, False, False, False, False),
+    (3, G(c=1, w=8, u=4, depth=3, bits=3), 1, torch.float16, True, True, True, False),
+    (3, G(c=1, w=16, u=4, depth=3, bits=3), 1, torch.bfloat16, False, False, True, True),
+    (3, G(c=4, w=4, u=2, depth=2, bits=3), 8, torch.bfloat16, True, True, False, True),
+    (3, G(c=1, w=32, u=2, depth=3, bits=3), 1, torch.float16, False, False, True, False),
+    (3, G(c=1, w=32, u=4, depth=2, bits=3), 1, torch.bfloat16, False, True, True, False),
+    # tuning's candidates for 2 to 8 rows at their most registers
+    (3, G(c=2, w=8, u=2, depth=2, bits=3), 8, torch.bfloat16, True, False, True, False),
+    (2, G(c=2, w=8, u=4, depth=2, bits=2), 8, torch.bfloat16, True, True, True, False),
+    (3, G(c=1, w=16, u=2, depth=3, bits=3), 8, torch.float16, True, False, True, False),
+    (4, G(c=1, w=4, u=16, depth=2), 8, torch.bfloat16, True, False, True, True),
 ]
+
+
+MMA_VARIANTS = [  # config, rows, dtype, split, bias, pdl: the tensor-core variant
+    (Config("mma", num_warps=4, num_stages=3), 16, torch.bfloat16, True, False, True),
+    (Config("mma", num_warps=4, num_stages=4), 16, torch.float16, False, True, False),
+    (Config("mma", num_warps=8, num_stages=2), 1, torch.bfloat16, True, True, True),
+    (Config("mma", num_warps=2, num_stages=4), 9, torch.bfloat16, False, False, True),
+    (Config("mma", num_warps=16, num_stages=3), 16, torch.bfloat16, True, True, False),
+    # x a chunk ahead
+    (Config("mma", num_warps=4, num_stages=3, prefetch=True), 16, torch.bfloat16, True, False, True),
+    (Config("mma", num_warps=8, num_stages=2, prefetch=True), 4, torch.float16, False, True, True),
+    (Config("mma", num_warps=2, num_stages=4, prefetch=True), 9, torch.bfloat16, True, True, False),
+    (Config("mma", num_warps=4, num_stages=1, prefetch=True), 16, torch.bfloat16, False, False, True),
+    (Config("mma", num_warps=16, num_stages=2, prefetch=True), 16, torch.bfloat16, True, True, True),
+]
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc")
+@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("i", range(len(MMA_VARIANTS)))
+def test_tensor_core_variant_compiles_without_spills(arch, i, tmp_path):
+    cfg, rows, dtype, split, bias, pdl = MMA_VARIANTS[i]
+    if pdl and arch == "80":
+        pytest.skip("griddepcontrol (programmatic dependent launch) is sm_90+")
+    d = cuda.defines(4, cfg, rows, dtype, split, bias, pdl)
+    assert d["MMA"] == 1 and d["PERM"] == 0 and d["XAHEAD"] == int(cfg.prefetch)
+    proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "k.cubin"),
+                           *[f"-DGV_{k}={v}" for k, v in d.items()], "-Xptxas", "-v", str(cuda.SOURCE)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    assert regs and "0 bytes spill stores" in report and "0 bytes stack frame" in report, report
+    assert int(regs.group(1)) * 32 * cfg.num_warps <= 65536, report
+
+
+def test_tensor_core_variant_supports_names_what_it_does_not_take():
+    ok = Config("mma", num_warps=4, num_stages=3)
+    assert cuda.supports(_Rt(), 16, torch.bfloat16, ok) is None
+    assert cuda.supports(_Rt(N=11008, K=11008), 1, torch.float16, ok) is None
+    assert "2 bits" in cuda.supports(_Rt(bits=2), 16, torch.bfloat16, ok)
+    assert "17 rows" in cuda.supports(_Rt(), 17, torch.bfloat16, ok)
+    assert "64 codes" in cuda.supports(_Rt(group_size=32), 16, torch.bfloat16, ok)
+    assert "multiple of 8" in cuda.supports(_Rt(N=4100), 16, torch.bfloat16, ok)
+    assert "48 KiB" in cuda.supports(_Rt(), 16, torch.bfloat16, Config("mma", num_warps=32, num_stages=2))
+    assert cuda.shape(ok, 4) == (1, 4, 8, 3)  # a step: 64 codes, 8 word rows
+    assert cuda.split_k(_Rt(K=4096), ok, 16, 128, 132) == (5, 13)  # 4 blocks of 4 warps an SM; x not in shared memory
 
 
 def test_launch_shape_reads_the_config_in_the_kernels_units():
     assert cuda.shape(Config("cuda", bn=64, bk=128, num_warps=16, num_stages=3), 4) == (2, 16, 16, 3)
     assert cuda.shape(Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2), 2) == (1, 8, 8, 2)
+    assert cuda.shape(Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2), 3) == (1, 8, 4, 2)  # 4 blocks of 32
     d = cuda.defines(2, G(c=2, w=4, u=8, depth=3, bits=2), 3, torch.float16, True, False, True)
     assert d == dict(BITS=2, C=2, W=4, U=8, DEPTH=3, ROWS=3, F16=1, SPLIT=1, HAS_BIAS=0, PDL=1, PERM=0)
 
@@ -70,14 +130,16 @@ def test_gemv_source_compiles_without_spills(arch, i, tmp_path):
 class _Rt:  # what cuda.supports and the split read of a Runtime
     def __init__(self, bits=4, K=4096, N=4096, group_size=128):
         self.bits, self.K, self.N, self.group_size = bits, K, N, group_size
-        self.qweight, self.perm = torch.empty(0), None
+        self.qweight, self.scales, self.perm = torch.empty(0), torch.empty(0), None
 
 
 def test_supports_names_what_it_does_not_take():
     ok = G(c=1, w=8, u=8, depth=2)
     assert cuda.supports(_Rt(), 1, torch.bfloat16, ok) is None
     assert cuda.supports(_Rt(), 8, torch.float16, ok) is None
-    assert "3 bits" in cuda.supports(_Rt(bits=3), 1, torch.bfloat16, ok)
+    assert "8 bits" in cuda.supports(_Rt(bits=8), 1, torch.bfloat16, ok)
+    assert cuda.supports(_Rt(bits=3), 1, torch.bfloat16, G(u=4, bits=3)) is None
+    assert "256 codes" in cuda.supports(_Rt(bits=3), 1, torch.bfloat16, G(u=8, bits=3))  # a step spans two groups
     assert "torch.float32" in cuda.supports(_Rt(), 1, torch.float32, ok)
     assert "9 rows" in cuda.supports(_Rt(), 9, torch.bfloat16, ok)
     assert "64 codes" in cuda.supports(_Rt(group_size=32), 1, torch.bfloat16, ok)  # a step spans two groups
@@ -130,3 +192,147 @@ def test_launch_parameters_follow_the_kernels_signature():
     assert [v.value for v in p.values] == values and len(p.array) == len(kinds)
     with pytest.raises(ValueError):  # one value too many or too few is an error, not a shifted launch
         p.fill(values + [0])
+
+
+def _mma_16816(a_regs, b_regs, c):
+    """``mma.m16n8k16`` over a warp, as the PTX ISA lays out its fragments: ``a_regs[lane]`` four pairs,
+    ``b_regs[lane]`` two pairs, ``c[lane]`` four floats (each pair (low, high)); returns ``d[lane]``."""
+    import numpy as np
+
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for r, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+            A[row, col], A[row, col + 1] = a_regs[lane][r]
+        for r, row in enumerate((2 * t, 2 * t + 8)):
+            B[row, g], B[row + 1, g] = b_regs[lane][r]
+    D = A @ B
+    out = []
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        out.append([c[lane][e] + D[g + 8 * (e >> 1), 2 * t + (e & 1)] for e in range(4)])
+    return out
+
+
+@pytest.mark.parametrize("rows", [16, 5])
+def test_tensor_core_variant_maps_gptq_words_onto_mma_fragments(rows):
+    """The tensor-core variant's indexing emulated for one warp over a 32-column tile (two chunks of 64 codes,
+    groups of 64): which words, x values, zeros and scales each lane takes, fed to mma.m16n8k16 as the PTX
+    ISA lays out its fragments, must give x · W exactly (small integers, power-of-two scales)."""
+    import numpy as np
+
+    rng = np.random.default_rng(rows)
+    K, N, gs = 128, 32, 64
+    q = rng.integers(0, 16, (K, N))
+    z = rng.integers(0, 16, (K // gs, N))
+    s = 2.0 ** rng.integers(-2, 3, (K // gs, N))
+    x = rng.integers(-3, 4, (rows, K)).astype(float)
+    qw = np.zeros((K // 8, N), dtype=np.int64)
+    for i in range(8):
+        qw |= q[i::8] << (4 * i)  # GPTQ: word row r holds codes 8r … 8r + 7, code i at bit 4i
+    W = s[np.arange(K) // gs] * (q - z[np.arange(K) // gs])
+
+    xr = lambda r, k: x[r, k] if r < rows else 0.0  # noqa: E731 - rows past M read as zeros
+    tot = [[[0.0] * 4 for _ in range(4)] for _ in range(32)]
+    for c in range(K // 64):
+        grp = (8 * c) // (gs // 8)
+        acc = [[[0.0] * 4 for _ in range(32)] for _ in range(4)]  # [tile][lane][e]
+        for step in range(4):
+            a_regs = []
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                k = 64 * c + 16 * t + 4 * step
+                a_regs.append([(xr(g, k), xr(g, k + 1)), (xr(g + 8, k), xr(g + 8, k + 1)),
+                               (xr(g, k + 2), xr(g, k + 3)), (xr(g + 8, k + 2), xr(g + 8, k + 3))])
+            for i in range(4):  # n8 tile i: the tile's column 4g + i in lane (g, ·)
+                b_regs = []
+                for lane in range(32):
+                    g, t = lane >> 2, lane & 3
+                    n = 4 * g + i
+                    w = int(qw[8 * c + 2 * t + (step >> 1), n])
+                    zi = int(z[grp, n])
+                    pairs = []
+                    for byte in (2 * (step & 1), 2 * (step & 1) + 1):  # codes 2b (low nibble), 2b + 1 (high)
+                        pairs.append((((w >> 8 * byte) & 15) - zi, ((w >> (8 * byte + 4)) & 15) - zi))
+                    b_regs.append(pairs)
+                acc[i] = _mma_16816(a_regs, b_regs, acc[i])
+        for lane in range(32):  # times the scales of output columns 8t + i (c0, c2) and 8t + 4 + i (c1, c3)
+            t = lane & 3
+            for i in range(4):
+                for e in range(4):
+                    tot[lane][i][e] += acc[i][lane][e] * s[grp, 8 * t + 4 * (e & 1) + i]
+    y = np.full((16, N), np.nan)
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for i in range(4):
+            for e in range(4):
+                y[g + 8 * (e >> 1), 8 * t + 4 * (e & 1) + i] = tot[lane][i][e]
+    assert not np.isnan(y).any()  # every (row, column) written once
+    assert np.array_equal(y[:rows], x @ W)
+    assert not y[rows:].any()
+
+
+def _consts(f16: bool) -> dict[str, int]:
+    """gemv.cu's float constants for float16 (``GV_F16``) or bfloat16 ``x``, read from the source."""
+    src = cuda.SOURCE.read_text()
+    block = src[src.index("#if GV_F16\n#define MAGIC"):]
+    block = block[:block.index("#endif")]
+    f16_part, bf16_part = block.split("#else")
+    return {k: int(v, 16) for k, v in re.findall(r"#define (\w+) (0x[0-9A-F]+)u", f16_part if f16 else bf16_part)}
+
+
+def _window3(w: list[int], s: int) -> int:
+    """gemv.cu's ``window3`` over the block's words ``w`` (as Python ints), 32 bits."""
+    if s < 0:
+        return (w[0] << -s) & 0xFFFFFFFF
+    i, o = s >> 5, s & 31
+    if o == 0:
+        return w[i]
+    if i == 2 or s + 19 <= 32 * (i + 1):
+        return w[i] >> o
+    return ((w[i + 1] << 32 | w[i]) >> o) & 0xFFFFFFFF  # shf.r.clamp: (hi:lo) >> o
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_three_bit_pairs_give_exact_code_minus_zero_and_sums(f16):
+    """The 3-bit block of gemv.cu emulated with its own constants: each pair register holds exactly
+    ``(code_j − z, code_{j+4} − z)``, and with small-integer x (exact in 16 bits) a block's sum is exact."""
+    import numpy as np
+
+    c = _consts(f16)
+    mask = int(re.search(r"lop3_or_and\(t, (0x[0-9a-f]+)u, MAGIC2\), ONE_SIXTEENTH", cuda.SOURCE.read_text()).group(1),
+               16)
+    to_float = (lambda h: float(np.uint16(h).view(np.float16))) if f16 else (
+        lambda h: float(np.uint32(h << 16).view(np.float32)))
+
+    def to_bits(v: float) -> int:  # nearest 16-bit float, ties to even
+        if f16:
+            return int(np.float16(v).view(np.uint16))
+        m, e = np.frexp(v)
+        return int(np.float32(np.ldexp(np.rint(m * 256.0), e - 8)).view(np.uint32)) >> 16
+
+    def fma2(a: int, b: int, d: int) -> int:  # per half: a·b + d, rounded once
+        lo = to_bits(to_float(a & 0xFFFF) * to_float(b & 0xFFFF) + to_float(d & 0xFFFF))
+        hi = to_bits(to_float(a >> 16) * to_float(b >> 16) + to_float(d >> 16))
+        return hi << 16 | lo
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        codes = [int(v) for v in rng.integers(0, 8, 32)]
+        z = int(rng.integers(0, 8))
+        x = [int(v) for v in rng.integers(-3, 4, 32)]
+        stream = sum(q << (3 * j) for j, q in enumerate(codes))
+        words = [(stream >> (32 * i)) & 0xFFFFFFFF for i in range(3)]
+        nz3 = (c["NZ_BASE"] | z) << 16 | (c["NZ16_BASE"] | z << 4)
+        total = 0.0
+        for r in range(4):
+            a = 0x80008000
+            for i in range(4):
+                j = 8 * r + i
+                t = _window3(words, 3 * j - 4)
+                q = fma2((t & mask) | c["MAGIC"] * 0x10001, c["ONE_SIXTEENTH"], nz3)
+                assert (to_float(q & 0xFFFF), to_float(q >> 16)) == (codes[j] - z, codes[j + 4] - z), (j, z)
+                xp = to_bits(x[j + 4]) << 16 | to_bits(x[j])  # staged as (x_j, x_j+4)
+                a = fma2(q, xp, a if i else 0x80008000)
+            total += to_float(a & 0xFFFF) + to_float(a >> 16)
+        assert total == sum(xv * (q - z) for xv, q in zip(x, codes, strict=True))

@@ -35,7 +35,7 @@ LAYOUTS = {  # group_size, act-order, irregular groups
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
-         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv"}
+         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv", "mma": "cuda-mma"}
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # relative, to the float32 product
 # (name, config fields, rows of x): the defaults by M and the dot kernel (every case), then tiles that exercise
 # the other code paths (one per case, in turn): dot without split-K, x read per element, prefetch on two rows,
@@ -161,7 +161,7 @@ def interpreted_results(out: str) -> None:
 
 
 CUDA_REFUSALS = {  # bits, layout, rows, dtype → what the error names
-    "3 bits": (3, "g32", 1, torch.bfloat16),
+    "8 bits": (8, "g32", 1, torch.bfloat16),
     "float32": (4, "g32", 1, torch.float32),
     "9 rows": (4, "g32", 9, torch.bfloat16),
     "groups": (4, "irregular-act", 1, torch.bfloat16),
@@ -352,6 +352,26 @@ CUDA_RUNS = [  # (bits, K, N, group size, act-order), rows, dtype, bias, config 
                                                                gather=True)),
     ((2, 4096, 11008, 128, False), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=32, num_stages=2, split=1)),
     ((2, 2048, 512, 2048, False), 2, torch.bfloat16, True, dict(bn=128, bk=128, num_warps=8, num_stages=2, split=2)),
+    ((3, 1024, 224, 128, False), 1, torch.bfloat16, True, dict(bn=64, bk=128, num_warps=8, num_stages=3, split=1)),
+    ((3, 2048, 512, 64, True), 5, torch.float16, False, dict(bn=64, bk=64, num_warps=4, num_stages=2, split=0)),
+    ((3, 4096, 4096, 128, True), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=16, num_stages=2, split=1)),
+    ((3, 4096, 11008, 128, False), 1, torch.bfloat16, False, dict(bn=32, bk=128, num_warps=16, num_stages=2,
+                                                                  split=2)),
+    # the tensor-core variant (4 bits, up to 16 rows)
+    ((4, 4096, 11008, 128, False), 16, torch.bfloat16, False, dict(kernel="mma", num_warps=4, num_stages=3, split=0)),
+    ((4, 4096, 4096, 128, True), 16, torch.bfloat16, True, dict(kernel="mma", num_warps=4, num_stages=4, split=1)),
+    ((4, 1024, 200, 64, False), 5, torch.float16, True, dict(kernel="mma", num_warps=2, num_stages=2, split=3)),
+    ((4, 2048, 520, 2048, True), 9, torch.bfloat16, False, dict(kernel="mma", num_warps=8, num_stages=2, split=1)),
+    ((4, 11008, 4096, 128, False), 4, torch.bfloat16, False, dict(kernel="mma", num_warps=4, num_stages=3, split=0)),
+    # x a chunk ahead: rows of both halves, one row, a ragged last split, one stage
+    ((4, 4096, 11008, 128, True), 16, torch.bfloat16, True, dict(kernel="mma", num_warps=4, num_stages=3, split=0,
+                                                                 prefetch=True)),
+    ((4, 2048, 520, 128, False), 9, torch.float16, False, dict(kernel="mma", num_warps=2, num_stages=4, split=3,
+                                                               prefetch=True)),
+    ((4, 4096, 4096, 128, False), 1, torch.bfloat16, True, dict(kernel="mma", num_warps=8, num_stages=2, split=1,
+                                                                prefetch=True)),
+    ((4, 1024, 200, 64, True), 3, torch.bfloat16, False, dict(kernel="mma", num_warps=4, num_stages=1, split=0,
+                                                              prefetch=True)),
 ]
 
 
@@ -419,12 +439,12 @@ def cuda_gemv_results() -> dict:
         b = torch.randn(N_, generator=torch.Generator().manual_seed(i)).to(dtype) if bias else None
         m = module_of(res, b, dtype).cuda()
         rt = tg.runtime_of(m)
-        cfg = tg.Config("cuda", **fields)
+        cfg = tg.Config(**{"kernel": "cuda", **fields})
         y1 = tg.matmul(x.cuda(), rt, m.bias, cfg)
         y2 = tg.matmul(x.cuda(), rt, m.bias, cfg)
         plan = next(iter(rt.plans.values()))
         out[i] = {"y": y1.cpu(), "again": y2.cpu(), "path": rt.path, "gather": plan.gather_x, "pdl": plan.pdl,
-                  "hopper": torch.cuda.get_device_capability() >= (9, 0)}
+                  "hopper": torch.cuda.get_device_capability() >= (9, 0), "permuted": rt.perm is not None}
     return out
 
 
@@ -438,7 +458,11 @@ GPU_CASES = {  # bits, K, N, group size, act-order, M, dtype
      "4b-4096x11008-seq-m64-positive": (4, 4096, 11008, 128, False, 64, torch.bfloat16),
      "3b-4096x4096-act-m64": (3, 4096, 4096, 128, True, 64, torch.bfloat16),
      "4b-4096x11008-seq-m1-positive": (4, 4096, 11008, 128, False, 1, torch.bfloat16),
-     "2b-4112x1008-act-m1-positive": (2, 4112, 1008, 128, True, 1, torch.bfloat16)}
+     "2b-4112x1008-act-m1-positive": (2, 4112, 1008, 128, True, 1, torch.bfloat16),
+     # 2 to 8 rows: the CUDA GEMV's candidates too (act-order's x too large for shared memory at 8 × 11008)
+     "3b-4096x11008-seq-m4": (3, 4096, 11008, 128, False, 4, torch.bfloat16),
+     "3b-11008x4096-act-m8": (3, 11008, 4096, 128, True, 8, torch.bfloat16),
+     "4b-4096x4096-act-m3-fp16": (4, 4096, 4096, 128, True, 3, torch.float16)}
 # x shifted away from zero mean: the dot kernel takes (OFF + zero) · Σ x off a sum of x · (OFF + code)
 # and for the GEMV's bfloat16 pairs (sums that do not cancel; K and N off the tiles)
 GPU_SHIFT = {"4b-11008x4096-seq-m16-fp16-positive": 1.0, "4b-4096x11008-seq-m64-positive": 1.0,
@@ -504,14 +528,17 @@ def test_tuning_candidates_start_with_the_default_and_one_row_stays_on_the_gemv(
         assert names[0] == interpreted["defaults"][key] and len(names) == len(set(names)) >= 4, (key, names)
         kinds = {n.split()[0] for n in names}
         _, bits, _ = key
-        assert kinds == ({"gemv", "cuda"} if M == 1 and bits in (2, 4) else {"gemv"} if M == 1 else {"dot"}), names
+        want = ({"gemv", "cuda"} if M == 1 and bits in (2, 3, 4) else {"gemv"} if M == 1 else {"dot"})
+        want |= {"cuda"} if 1 < M <= 8 and bits in (2, 3, 4) else set()  # the CUDA GEMV up to 8 rows
+        want |= {"mma"} if 1 < M <= 16 and bits == 4 else set()  # its tensor-core variant up to 16
+        assert kinds == want, names
     # interpreted, nothing is timed: a product without a config runs the hand-picked default
     assert interpreted["tuning"] is False and interpreted["tuned"] is True
     assert interpreted["pairs_interpreted"] is False  # inline PTX does not run interpreted
 
 
 def test_cuda_gemv_refuses_what_it_cannot_run_with_one_clear_error(interpreted):
-    expect = {"3 bits": "3 bits", "float32": "torch.float32", "9 rows": "9 rows", "groups": "groups", "cpu": "cpu"}
+    expect = {"8 bits": "8 bits", "float32": "torch.float32", "9 rows": "9 rows", "groups": "groups", "cpu": "cpu"}
     assert set(interpreted["cuda_refusals"]) == set(expect)
     for label, msg in interpreted["cuda_refusals"].items():
         assert msg and msg.startswith("config 'cuda n32 k32 s1 x4/1': the CUDA GEMV does not take"), (label, msg)
@@ -711,14 +738,20 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
     assert rel_err(y, ref) < TOL[dtype]
     assert compiled[name]["path"] in PATHS.values(), compiled[name]["path"]
     if M > 1:  # the dot kernel: dequantizing into x's 16-bit dtype at 2 and 4 bits (groups of 128: one per tile)
-        assert compiled[name]["path"] == PATHS["dot-magic" if bits in (2, 4) else "dot"], compiled[name]["path"]
+        # or, where tuning picked it, the tensor-core CUDA variant (4 bits, up to 16 rows)
+        allowed = {PATHS["dot-magic" if bits in (2, 4) else "dot"]}
+        allowed |= {PATHS["mma"]} if bits == 4 and M <= 16 else set()
+        allowed |= {PATHS["cuda"]} if bits in (2, 3, 4) and M <= 8 else set()  # the CUDA GEMV up to 8 rows
+        assert compiled[name]["path"] in allowed, compiled[name]["path"]
     tuned = compiled[name]["tuned"]
-    if M == 1 and dtype == torch.bfloat16 and bits in (2, 4):  # the pairs unless tuning picked another path
+    if M == 1 and dtype == torch.bfloat16 and bits in (2, 3, 4):  # the pairs unless tuning picked another path
         kind = "cuda" if tuned.startswith("cuda") else "gemv" if tuned.endswith("-pairs") else "gemv-pairs"
         assert compiled[name]["path"] == PATHS[kind]
     skipped = compiled[name]["skipped"]  # only the CUDA GEMV, only where the shape does not fit it
-    assert all(k.startswith("cuda") and "does not take" in v for k, v in skipped.items()), skipped
-    assert bool(skipped) == (bits in (2, 4) and M == 1 and K_ % 128 != 0), skipped
+    assert all(k.startswith(("cuda", "mma")) and "does not take" in v for k, v in skipped.items()), skipped
+    cuda_bits = bits in (2, 3, 4)
+    x_too_large = act and 1 < M <= 8 and M * K_ * 2 > 48 * 1024  # next to all of act-order's x in shared memory
+    assert bool(skipped) == (cuda_bits and ((M == 1 and K_ % 128 != 0) or x_too_large)), skipped
     others = {k: v for k, v in compiled[name].items() if k not in ("y", "path", "tuned", "skipped")}
     assert tuned in others and len(others) >= 4
     for label, y_cfg in others.items():
@@ -781,6 +814,20 @@ def test_compiled_tiny_model_logits_agree_across_backends(compiled):
     assert sum(out["paths-triton"].values()) == 7 and set(out["paths-triton"]) <= set(PATHS.values())
 
 
+@pytest.mark.parametrize("i", range(len(CUDA_RUNS)))
+def test_cuda_runs_are_products_the_cuda_kernels_take(i):
+    """The GPU table checked on the CPU: every row packs and its config is one the CUDA kernel accepts
+    (a row that does not would fail the whole compiled fixture on the GPU)."""
+    from quantizers.kernels import cuda
+    from quantizers.kernels import triton_gemm as tg
+
+    (bits, K_, N_, gs, act), M, dtype, bias, fields = CUDA_RUNS[i]
+    res, _ = gpu_inputs(bits, K_, N_, gs, act, 1, dtype)
+    rt = tg.runtime_of(module_of(res, None, dtype))
+    assert cuda.supports(rt, M, dtype, tg.Config(**{"kernel": "cuda", **fields})) is None
+    assert (rt.perm is not None) == (act and gs < K_)  # what the GPU test expects of the run's permutation
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(len(CUDA_RUNS)))
 def test_cuda_gemv_matches_dequantize_then_matmul(compiled, i):
@@ -788,8 +835,12 @@ def test_cuda_gemv_matches_dequantize_then_matmul(compiled, i):
     res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
     b = torch.randn(N_, generator=torch.Generator().manual_seed(i)).to(dtype) if bias else None
     run = compiled["cuda"][i]
-    assert run["path"] == PATHS["cuda"] and run["y"].dtype == dtype and run["y"].shape == (M, N_)
-    assert run["gather"] == (act and fields.get("gather", False))  # else the kernel gathers x as it stages it
+    kind = fields.get("kernel", "cuda")
+    assert run["path"] == PATHS[kind] and run["y"].dtype == dtype and run["y"].shape == (M, N_)
+    # act-order: the GEMV gathers x as it stages it unless told otherwise; the tensor-core variant reads it gathered.
+    # One group (group size K): the sorted order is the identity, so the runtime keeps no permutation
+    assert run["permuted"] == (act and gs < K_)
+    assert run["gather"] == (run["permuted"] and (fields.get("gather", False) or kind == "mma"))
     assert run["pdl"] == run["hopper"]  # overlapped launches on sm_90+
     ref = reference(res, x, b)
     assert rel_err(run["y"], ref) < TOL[torch.bfloat16]  # bfloat16-pair sums even for float16 x (float16 pairs)

@@ -31,9 +31,14 @@ class GPU:
 _GPUS: dict[int, GPU] = {}
 
 
+def device_index(device: torch.device) -> int:
+    """CUDA ``device``'s index (the current device's for a bare ``cuda``): what plans and caches are keyed by."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def gpu(device: torch.device) -> GPU:
     """The facts of CUDA ``device`` (the current device for a bare ``cuda``)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = device_index(device)
     facts = _GPUS.get(idx)
     if facts is None:
         props = torch.cuda.get_device_properties(idx)

@@ -30,10 +30,10 @@ import torch
 from quantizers.kernels import current_stream, gpu
 
 SOURCE = Path(__file__).with_name("gemv.cu")
-BITS = (2, 4)  # widths gemv.cu multiplies (a run of codes per byte: 2 or 4 bits)
+BITS = (2, 3, 4)  # widths gemv.cu multiplies
 MAX_ROWS = 8  # rows of x one launch takes (the dequantized pairs are reused across them)
 MIN_CAPABILITY = (8, 0)  # fma.rn.bf16x2, cvt.rn.bf16.f32
-CODES = {2: 16, 4: 8}  # codes per 32-bit word
+BLOCK = {2: (16, 1), 3: (32, 3), 4: (8, 1)}  # (codes, 32-bit words) of a packed block (gemv.cu's GV_CODES, GV_WPB)
 
 
 class CudaUnavailable(RuntimeError):
@@ -233,20 +233,29 @@ def kernel(defines: dict[str, int], device: torch.device) -> Kernel:
 # ---------------------------------------------------------------------------------------------- the GEMV
 
 
+MMA_ROWS = 16  # rows of x the tensor-core variant takes (one m16 tile)
+MMA_CHUNK = 64  # codes of k a warp of the tensor-core variant takes a step (8 word rows at 4 bits)
+
+
 def shape(cfg, bits: int) -> tuple[int, int, int, int]:
-    """(columns a thread, warps a block, word rows a step, steps in flight) of a launch config: ``cfg.bn``
+    """(columns a thread, warps a block, packed blocks a step, steps in flight) of a launch config: ``cfg.bn``
     columns a block (32 × columns a thread: 4-, 8- or 16-byte loads), ``cfg.bk`` codes of K a step (one
     scale multiply per step), ``cfg.num_warps`` warps a block (they split the block's K range and add up
     in shared memory), ``cfg.num_stages`` steps in flight (that many − 1 loaded ahead)."""
-    return max(1, cfg.bn // 32), cfg.num_warps, max(1, cfg.bk // CODES.get(bits, 1)), cfg.num_stages
+    if cfg.kernel == "mma":  # 32 columns a block, a chunk of 64 codes a step
+        return 1, cfg.num_warps, MMA_CHUNK // BLOCK.get(bits, (8, 1))[0], cfg.num_stages
+    return max(1, cfg.bn // 32), cfg.num_warps, max(1, cfg.bk // BLOCK.get(bits, (1, 1))[0]), cfg.num_stages
 
 
 def defines(bits: int, cfg, rows: int, dtype: torch.dtype, split: bool, bias: bool,
             pdl: bool = False, perm: bool = False) -> dict[str, int]:
     """The ``GV_*`` settings of one compiled variant of ``gemv.cu``."""
     c, w, u, depth = shape(cfg, bits)
-    return dict(BITS=bits, C=c, W=w, U=u, DEPTH=depth, ROWS=rows, F16=int(dtype == torch.float16),
-                SPLIT=int(split), HAS_BIAS=int(bias), PDL=int(pdl), PERM=int(perm))
+    out = dict(BITS=bits, C=c, W=w, U=u, DEPTH=depth, ROWS=rows, F16=int(dtype == torch.float16),
+               SPLIT=int(split), HAS_BIAS=int(bias), PDL=int(pdl), PERM=int(perm))
+    if cfg.kernel == "mma":
+        out.update(MMA=1, PERM=0, XAHEAD=int(cfg.prefetch))  # x in sorted order: act-order's gathered first
+    return out
 
 
 def available(device: torch.device) -> bool:
@@ -269,6 +278,8 @@ def available(device: torch.device) -> bool:
 def supports(rt, M: int, dtype: torch.dtype, cfg) -> str | None:
     """None when the CUDA GEMV takes this product with launch config ``cfg``, else why not (the Triton
     kernels run it instead)."""
+    if cfg.kernel == "mma":
+        return mma_supports(rt, M, dtype, cfg)
     if rt.bits not in BITS:
         return f"{rt.bits} bits (it takes {BITS})"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -276,7 +287,7 @@ def supports(rt, M: int, dtype: torch.dtype, cfg) -> str | None:
     if not 1 <= M <= MAX_ROWS:
         return f"{M} rows (it takes 1 to {MAX_ROWS})"
     c, _, u, _ = shape(cfg, rt.bits)
-    step = CODES[rt.bits] * u  # codes of k a step
+    step = BLOCK[rt.bits][0] * u  # codes of k a step
     if rt.group_size is None or rt.K % step or (rt.group_size < rt.K and rt.group_size % step):
         return f"groups that are not a multiple of {step} codes"
     if rt.N % c or rt.qweight.data_ptr() % 16:
@@ -290,6 +301,25 @@ def supports(rt, M: int, dtype: torch.dtype, cfg) -> str | None:
     return None
 
 
+def mma_supports(rt, M: int, dtype: torch.dtype, cfg) -> str | None:
+    """:func:`supports` for the tensor-core variant (``kernel="mma"``): 4 bits, up to 16 rows, groups of a
+    multiple of 64 codes, N a multiple of 8, 16-byte aligned words and scales; act-order's ``x`` gathered
+    first (the plan does it)."""
+    if rt.bits != 4:
+        return f"{rt.bits} bits in its tensor-core variant (it takes 4)"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"x in {dtype} (it takes float16 and bfloat16)"
+    if not 1 <= M <= MMA_ROWS:
+        return f"{M} rows in its tensor-core variant (it takes 1 to {MMA_ROWS})"
+    if rt.group_size is None or rt.K % MMA_CHUNK or (rt.group_size < rt.K and rt.group_size % MMA_CHUNK):
+        return f"groups that are not a multiple of {MMA_CHUNK} codes"
+    if rt.N % 8 or rt.qweight.data_ptr() % 16 or rt.scales.data_ptr() % 16:
+        return f"N = {rt.N} is not a multiple of 8 (or the words or scales are not 16-byte aligned)"
+    if cfg.num_warps * M * 32 * 4 > 48 * 1024:
+        return f"{cfg.num_warps} warps at {M} rows (their sums need more than 48 KiB of shared memory)"
+    return None
+
+
 X_SMEM = 96 * 1024  # bytes of x a block keeps in shared memory at most (more rows or K: more K splits)
 
 
@@ -298,10 +328,11 @@ def split_k(rt, cfg, M: int, tiles: int, sms: int, perm: bool = False) -> tuple[
     ``cfg.split`` splits (0: enough blocks to give every SM ``cfg.warps_per_sm`` warps), at least as
     many as keep a block's ``x`` in shared memory (``perm``: next to all of ``x``), no empty block."""
     _, w, u, _ = shape(cfg, rt.bits)
-    steps = rt.K // (CODES[rt.bits] * u)
+    steps = rt.K // (BLOCK[rt.bits][0] * u)
     split = cfg.split or max(1, -(-max(1, cfg.warps_per_sm // w) * sms // tiles))
-    room = X_SMEM - (M * rt.K * 2 if perm else 0)  # act-order: all of x is there too
-    split = max(split, -(-M * rt.K * 2 // room))  # the block's x fits in shared memory
+    if cfg.kernel != "mma":  # the tensor-core variant reads x from global memory
+        room = X_SMEM - (M * rt.K * 2 if perm else 0)  # act-order: all of x is there too
+        split = max(split, -(-M * rt.K * 2 // room))  # the block's x fits in shared memory
     split = max(1, min(split, steps))
     per = -(-steps // split)
     return -(-steps // per), per
@@ -338,9 +369,11 @@ def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool
     perm = perm and rt.perm is not None
     split, per = split_k(rt, cfg, M, tiles, gpu(device).sms, perm)
     k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl, perm), device)
-    smem = M * per * shape(cfg, rt.bits)[2] * CODES[rt.bits] * 2 + (M * rt.K * 2 if perm else 0)
+    codes, words = BLOCK[rt.bits]
+    smem = 0 if cfg.kernel == "mma" else M * per * shape(cfg, rt.bits)[2] * codes * 2 + (
+        M * rt.K * 2 if perm else 0)
     k.allow_smem(smem)
-    return Launch(k, (tiles, split), per, smem, min(rt.group_size, rt.K) // CODES[rt.bits],
+    return Launch(k, (tiles, split), per, smem, min(rt.group_size, rt.K) // codes * words,
                   (M * rt.N, tiles) if split > 1 else (0, 0), pdl, perm, Params())
 
 

@@ -3,18 +3,21 @@
 // handled as bits through inline PTX.
 //
 // y (ROWS, N) = x (ROWS, K) · W, W (K, N) given as GPTQ-packed codes in sorted-group order:
-//   qw     (K·BITS/32, N) uint32, word row r holds codes k = r·CODES … r·CODES + CODES − 1 of each column,
-//          code j at bit BITS·j;
+//   qw     (K·BITS/32, N) uint32 in packed blocks of WPB word rows: 2 and 4 bits, word row r holds codes
+//          k = r·CODES … r·CODES + CODES − 1 of each column, code j at bit BITS·j; 3 bits, 3 word rows hold
+//          32 codes as one 96-bit stream, code j at bit 3j (codes 10 and 21 straddle two words);
 //   scales (G, N) float16; zeros (G, N) uint8 (the true zero, not GPTQ's zero − 1); groups of `group_rows`
-//          word rows (a multiple of U, checked by the caller).
+//          word rows (a multiple of a step's, checked by the caller).
 //
 // Work: block (column tile, K split) = W warps; thread = C adjacent columns; warp = a contiguous range of
-// steps of U word rows. Each step's words, scales and zeros are loaded DEPTH − 1 steps ahead (registers as
-// the buffer); the block's x waits in shared memory. Per pair of codes 16 bits apart (4 bits: j, j + 4, one
-// shift; 2 bits: byte b's 4b, 4b + 1 or 4b + 2, 4b + 3, one prmt of the word and the word >> 2 for both):
+// steps of U packed blocks. Each step's words, scales and zeros are loaded DEPTH − 1 steps ahead (registers
+// as the buffer); the block's x waits in shared memory. Per pair of codes (4 bits: j, j + 4, 16 bits apart,
+// one shift; 2 bits: byte b's 4b, 4b + 1 or 4b + 2, 4b + 3, one prmt of the word and the word >> 2 for
+// both; 3 bits: j, j + 4, 12 bits apart, one shift or funnel shift of the block's stream that puts code j at
+// bit 4 and code j + 4 at bit 16, as ptx.pair_asm does):
 // one lop3 puts them under the bits of 2**e (ulp 1), one packed FMA subtracts 2**e + zero (exact
-// code − zero; the 2-bit codes at bit 4 times 1/16), one packed FMA multiplies by x's matching pair
-// (put in that order when x is staged). One word's products
+// code − zero; codes at bit 4 times 1/16), one packed FMA multiplies by x's matching pair
+// (put in that order when x is staged). One word's products (3 bits: a run of 4 pairs)
 // chain in 16 bits, then widen to float32 (as the Triton GEMV's pair path); the scale once per step.
 // The warps of a block add up through shared memory; with SPLIT the blocks of a column tile add into a
 // float32 workspace and the last one (counted) writes y, re-zeroing what it read. With PDL (sm_90+) the
@@ -54,18 +57,34 @@
 #ifndef GV_PERM  // act-order: the block gathers x[perm[k]] for its K range from all of x, staged in shared memory
 #define GV_PERM 0
 #endif
+#ifndef GV_MMA  // the tensor-core variant for up to 16 rows (4 bits; see below the GEMV)
+#define GV_MMA 0
+#endif
+#ifndef GV_XAHEAD  // (GV_MMA) a lane's x of a chunk in two 16-byte loads a row, one chunk ahead
+#define GV_XAHEAD 0
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-#define GV_CODES (32 / GV_BITS)  // codes per word
-#define GV_XW (GV_CODES / 2)     // x's 32-bit words (pairs) per word row
+// a packed block: GV_WPB words holding GV_CODES codes (2 and 4 bits: one word; 3 bits: 32 codes in 3 words,
+// codes 10 and 21 straddling two words)
+#if GV_BITS == 3
+#define GV_WPB 3
+#define GV_CODES 32
+#else
+#define GV_WPB 1
+#define GV_CODES (32 / GV_BITS)
+#endif
+#define GV_XW (GV_CODES / 2)  // x's 32-bit words (pairs) per block
+#define GV_UW (GV_U * GV_WPB)  // word rows a step (GV_U blocks)
 #define GV_TPB (GV_W * 32)
 
 #if GV_F16
 #define MAGIC 0x6400u  // 1024: ulp 1
 #define ONE 0x3C003C00u
 #define SIXTEENTH 0x2C002C00u
+#define ONE_SIXTEENTH 0x3C002C00u  // (1/16 low, 1 high)
 #define NZ_BASE 0xE400u   // -(1024 + z) = NZ_BASE | z
 #define NZ16_BASE 0xD400u // -(64 + z) = NZ16_BASE | z << 4
 #define FMA2 "fma.rn.f16x2"
@@ -73,6 +92,7 @@ typedef unsigned short u16;
 #define MAGIC 0x4300u  // 128: ulp 1
 #define ONE 0x3F803F80u
 #define SIXTEENTH 0x3D803D80u
+#define ONE_SIXTEENTH 0x3F803D80u
 #define NZ_BASE 0xC300u   // -(128 + z)
 #define NZ16_BASE 0xC100u // -(8 + z) = NZ16_BASE | z << 4
 #define FMA2 "fma.rn.bf16x2"
@@ -89,6 +109,23 @@ static __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
     return d;
+}
+
+static __device__ __forceinline__ u32 shf_r(u32 lo, u32 hi, u32 n) {  // (hi:lo) >> n, 0 < n < 32
+    u32 d;
+    asm("shf.r.clamp.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(lo), "r"(hi), "r"(n));
+    return d;
+}
+
+// 3 bits: the 32 bits of the block's 96-bit stream (w2:w1:w0) from bit s on (s ≥ −4), enough to hold bits
+// s + 4 … s + 18 (code j at bit 4, code j + 4 at bit 16 for s = 3j − 4); s is a constant once unrolled
+static __device__ __forceinline__ u32 window3(u32 w0, u32 w1, u32 w2, int s) {
+    if (s < 0) return w0 << (-s);
+    const int w = s >> 5, o = s & 31;
+    const u32 lo = w == 0 ? w0 : w == 1 ? w1 : w2;
+    if (o == 0) return lo;
+    if (w == 2 || s + 19 <= 32 * (w + 1)) return lo >> o;  // both codes in this word
+    return shf_r(lo, w == 0 ? w1 : w2, o);
 }
 
 static __device__ __forceinline__ u32 lop3_or_and(u32 a, u32 mask, u32 magic) {  // (a & mask) | magic
@@ -159,6 +196,7 @@ struct alignas(16) V4 {
     u32 a, b, c, d;
 };
 
+#if !GV_MMA
 extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
     const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
@@ -174,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const int n0 = (blockIdx.x * 32 + lane) * GV_C;  // this thread's first column
     const bool n_ok = n0 < N;
     const int nc = n_ok ? n0 : 0;
-    const int steps = (K / GV_CODES) / GV_U;
+    const int steps = (K / GV_CODES) / GV_U;  // steps of GV_U blocks
     const int s0 = blockIdx.y * steps_per_split;
     const int s1 = min(steps, s0 + steps_per_split);
     const int per_warp = (s1 - s0 + GV_W - 1) / GV_W;
@@ -183,13 +221,13 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const int xrows = (s1 - s0) * GV_U * GV_XW;  // pairs of x per row in shared memory
 
     // the words, zeros and scales of step d (of this warp), into ring slot `slot`
-    u32 buf[GV_DEPTH][GV_U][GV_C];
+    u32 buf[GV_DEPTH][GV_UW][GV_C];
     u32 zb[GV_DEPTH][GV_C];
     u16 sb[GV_DEPTH][GV_C];
     // running pointers of the next fetch: words, and the (group, column) of scales and zeros
-    const u32* wp = qw + (size_t)w0 * GV_U * N + nc;
+    const u32* wp = qw + (size_t)w0 * GV_UW * N + nc;
     const unsigned gr = (unsigned)group_rows;
-    unsigned frow = (unsigned)(w0 * GV_U);  // first word row of the next fetch
+    unsigned frow = (unsigned)(w0 * GV_UW);  // first word row of the next fetch
 #define GV_FETCH(d, slot)                                                                   \
     if ((d) < nsteps) {                                                                     \
         const unsigned g = (frow / gr) * (unsigned)N + (unsigned)nc;                        \
@@ -198,9 +236,9 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
             sb[slot][c] = scales[g + c];                                                    \
         }                                                                                   \
         if (n_ok)                                                                           \
-            _Pragma("unroll") for (int u = 0; u < GV_U; ++u) load_words(wp + u * N, buf[slot][u]); \
-        wp += GV_U * N;                                                                     \
-        frow += GV_U;                                                                       \
+            _Pragma("unroll") for (int u = 0; u < GV_UW; ++u) load_words(wp + u * N, buf[slot][u]); \
+        wp += GV_UW * N;                                                                    \
+        frow += GV_UW;                                                                      \
     }
 #pragma unroll
     for (int d = 0; d < GV_DEPTH - 1; ++d) GV_FETCH(d, d)
@@ -243,14 +281,14 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
         const u16* xm = xall + (size_t)m * K;
         const u32 v0 = xm[p0.a], v1 = xm[p0.b], v2 = xm[p0.c], v3 = xm[p0.d];
         const u32 v4 = xm[p1.a], v5 = xm[p1.b], v6 = xm[p1.c], v7 = xm[p1.d];
-#if GV_BITS == 4  // pairs (x_j, x_j+4), as below
+#if GV_BITS != 2  // pairs (x_j, x_j+4), as below
         smem4[i] = V4{v0 | v4 << 16, v1 | v5 << 16, v2 | v6 << 16, v3 | v7 << 16};
 #else
         smem4[i] = V4{v0 | v1 << 16, v2 | v3 << 16, v4 | v5 << 16, v6 | v7 << 16};
 #endif
 #else
         const V4 v = reinterpret_cast<const V4*>(x + (size_t)m * ldx + (size_t)s0 * GV_U * GV_CODES)[j];
-#if GV_BITS == 4  // pairs (x_j, x_j+4) of each word row's 8, as the codes j, j + 4 lie 16 bits apart
+#if GV_BITS != 2  // pairs (x_j, x_j+4) of each run of 8, as the codes j, j + 4 are paired (16 or 12 bits apart)
         smem4[i] = V4{prmt(v.a, v.c, 0x5410), prmt(v.a, v.c, 0x7632), prmt(v.b, v.d, 0x5410), prmt(v.b, v.d, 0x7632)};
 #else  // pairs (x_2i, x_2i+1) as they are
         smem4[i] = v;
@@ -271,7 +309,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
             const int st = base + d;
             if (st < nsteps) {
                 GV_FETCH(st + GV_DEPTH - 1, (d + GV_DEPTH - 1) % GV_DEPTH)
-                const int xr0 = (w0 - s0 + st) * GV_U;  // the step's first word row within the block's x
+                const int xr0 = (w0 - s0 + st) * GV_U;  // the step's first packed block within the block's x
                 float s[GV_ROWS][GV_C];
 #pragma unroll
                 for (int m = 0; m < GV_ROWS; ++m)
@@ -280,12 +318,43 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #pragma unroll
                 for (int c = 0; c < GV_C; ++c) {
                     const u32 z = zb[d][c];
+#if GV_BITS != 3
                     const u32 nz = (NZ_BASE | z) * 0x10001u;
+#endif
 #if GV_BITS == 2
                     const u32 nz16 = (NZ16_BASE | (z << 4)) * 0x10001u;
+#elif GV_BITS == 3  // −(2**e / 16 + z) low (the code at bit 4 times 1/16), −(2**e + z) high
+                    const u32 nz3 = ((NZ_BASE | z) << 16) | (NZ16_BASE | (z << 4));
 #endif
 #pragma unroll
                     for (int u = 0; u < GV_U; ++u) {
+                        u32 a[GV_ROWS];
+#if GV_BITS == 3  // 16 pairs a block: x's read a run of 4 pairs at a time (registers at 8 rows)
+                        const u32 w0 = buf[d][3 * u][c], w1 = buf[d][3 * u + 1][c], w2 = buf[d][3 * u + 2][c];
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {  // run r: codes 8r … 8r + 7, pairs (8r + i, 8r + i + 4)
+                            u32 xv[GV_ROWS][4];
+#pragma unroll
+                            for (int m = 0; m < GV_ROWS; ++m) {
+                                const V4 v = smem4[(m * xrows + (xr0 + u) * GV_XW) / 4 + r];
+                                xv[m][0] = v.a;
+                                xv[m][1] = v.b;
+                                xv[m][2] = v.c;
+                                xv[m][3] = v.d;
+                            }
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) {
+                                const u32 t = window3(w0, w1, w2, 3 * (8 * r + i) - 4);
+                                const u32 q = fma2(lop3_or_and(t, 0x00070070u, MAGIC2), ONE_SIXTEENTH, nz3);
+#pragma unroll
+                                for (int m = 0; m < GV_ROWS; ++m) a[m] = fma2(q, xv[m][i], i ? a[m] : 0x80008000u);
+                            }
+                            if (r < 3) {  // a run's 4 products widen to float32 (the last run's below)
+#pragma unroll
+                                for (int m = 0; m < GV_ROWS; ++m) s[m][c] += lo_f32(a[m]) + hi_f32(a[m]);
+                            }
+                        }
+#else
                         u32 xv[GV_ROWS][GV_XW];
 #pragma unroll
                         for (int m = 0; m < GV_ROWS; ++m)
@@ -298,7 +367,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
                                 xv[m][i + 3] = v.d;
                             }
                         const u32 w = buf[d][u][c];
-                        u32 a[GV_ROWS];
+#endif
 #if GV_BITS == 4
 #pragma unroll
                         for (int i = 0; i < 4; ++i) {  // codes i, i + 4 at bits 4i, 4i + 16
@@ -307,7 +376,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #pragma unroll
                             for (int m = 0; m < GV_ROWS; ++m) a[m] = fma2(q, xv[m][i], i ? a[m] : 0x80008000u);
                         }
-#else
+#elif GV_BITS == 2
                         const u32 sh = w >> 2;
 #pragma unroll
                         for (int b = 0; b < 4; ++b) {  // byte b: codes 4b, 4b + 1 (bits 0, 2), 4b + 2, 4b + 3 (4, 6)
@@ -380,3 +449,251 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
 #endif
 }
+#endif  // !GV_MMA
+
+#if GV_MMA
+// The tensor-core variant (GV_MMA, 4 bits, up to 16 rows of x, x in sorted order: act-order's gathered first).
+// It reads the GPTQ layout as it is: no copy of the weights in another layout. Work: block (32-column tile,
+// K split) = W warps, each a contiguous range of chunks of 64 codes of k (8 word rows); lane (g, t) = (lane / 4,
+// lane % 4) loads, per chunk, word rows 2t and 2t + 1 of columns 4g … 4g + 3 of the tile (two 16-byte loads; a
+// warp reads 8 rows × 128 bytes). Those columns are the four n8 tiles' column g: tile i's column g is the
+// tile's column 4g + i. Along k, mma.m16n8k16 sums over its 16 positions in any order as long as x and the
+// weights agree, so step s (0 … 3) of a chunk takes position 2t, 2t + 1, 2t + 8, 2t + 9 of lane (·, t) from
+// k = 16t + 4s + 0, 1, 2, 3 of the chunk: the weights' pairs are bytes 2(s & 1) and 2(s & 1) + 1 of word
+// row 2t + (s >> 1) (codes 2b, 2b + 1 of byte b: one prmt, one lop3, one packed FMA give code − zero exactly),
+// x's are 4 adjacent values of its rows g and g + 8 (8 bytes each). A chunk's four steps accumulate in float32
+// in the tensor cores, then times the chunk's scales (lane (g, t) holds output columns 8t … 8t + 7: one 16-byte
+// load of scales) into the totals. The warps add up through shared memory; with SPLIT, blocks through the
+// workspace as the GEMV's do. With XAHEAD a lane's x of a chunk (its rows' k = 16t … 16t + 15: 32 bytes a row,
+// step s's pairs in words 2s, 2s + 1) is loaded in two 16-byte loads a row one chunk ahead, instead of one
+// 8-byte load a row a step as the step needs it; rows past MM_ROWS are not loaded.
+#define MM_ROWS GV_ROWS  // 1 … 16
+#if GV_F16
+#define MMA_OP "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#else
+#define MMA_OP "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#endif
+
+static __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(MMA_OP " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ void ld_x8(const u16* p, u32& lo, u32& hi) {  // 4 x values, 8 bytes
+    asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(lo), "=r"(hi) : "l"(p));
+}
+
+static __device__ __forceinline__ void ld_x16(const u16* p, V4& v) {  // 8 x values, 16 bytes
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(p));
+}
+
+extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
+    const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
+    const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
+    float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split,
+    const int* __restrict__ perm) {
+    __shared__ float red[GV_W][MM_ROWS][32];
+#if GV_SPLIT
+    __shared__ int last_block;
+#endif
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * 32;
+    const bool n_ok = n0 + 4 * g < N;  // N is a multiple of 4 (checked by the caller)
+    const int nc = n_ok ? n0 + 4 * g : 0;
+    const int chunks = K / 64;
+    const int c0 = blockIdx.y * steps_per_split;
+    const int c1 = min(chunks, c0 + steps_per_split);
+    const int per_warp = (c1 - c0 + GV_W - 1) / GV_W;
+    const int w0 = c0 + warp * per_warp;
+    const int nchunks = max(0, min(c1, w0 + per_warp) - w0);
+    const unsigned gr = (unsigned)group_rows;
+
+    V4 wa[GV_DEPTH], wb[GV_DEPTH];  // word rows 2t, 2t + 1 of the 4 columns, per chunk in flight
+    u32 zb[GV_DEPTH];               // the 4 columns' zeros
+    V4 sb[GV_DEPTH];                // scales of output columns 8t … 8t + 7
+#define MM_FETCH(dd, sl)                                                                            \
+    if ((dd) < nchunks) {                                                                             \
+        const unsigned row = (unsigned)((w0 + (dd)) * 8);                                             \
+        const unsigned grp = (row / gr) * (unsigned)N;                                               \
+        if (n_ok) {                                                                                  \
+            asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"               \
+                         : "=r"(wa[sl].a), "=r"(wa[sl].b), "=r"(wa[sl].c), "=r"(wa[sl].d)    \
+                         : "l"(qw + (size_t)(row + 2 * t) * N + nc));                                \
+            asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"               \
+                         : "=r"(wb[sl].a), "=r"(wb[sl].b), "=r"(wb[sl].c), "=r"(wb[sl].d)    \
+                         : "l"(qw + (size_t)(row + 2 * t + 1) * N + nc));                            \
+            zb[sl] = *reinterpret_cast<const u32*>(zeros + grp + nc);                              \
+        }                                                                                            \
+        if (n0 + 8 * t < N) sb[sl] = *reinterpret_cast<const V4*>(scales + grp + n0 + 8 * t);      \
+    }
+#pragma unroll
+    for (int d = 0; d < GV_DEPTH - 1; ++d) MM_FETCH(d, d)
+#if GV_PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    const int ra = g < MM_ROWS ? g : 0, rb = g + 8 < MM_ROWS ? g + 8 : 0;  // x's rows for this lane (clamped)
+    const u16* xa = x + (size_t)ra * ldx + 16 * t;
+    const u16* xb = x + (size_t)rb * ldx + 16 * t;
+#if GV_XAHEAD
+    // the x of chunk dd (a lane's 16 values of rows g and g + 8) into slot sl; zeros for rows past MM_ROWS
+    V4 xv[GV_DEPTH][2];
+#if MM_ROWS > 8
+    V4 xw[GV_DEPTH][2];
+#define MM_XROW8(dd, sl)                                                                             \
+    if (g + 8 < MM_ROWS) {                                                                           \
+        ld_x16(xb + (w0 + (dd)) * 64, xw[sl][0]);                                                   \
+        ld_x16(xb + (w0 + (dd)) * 64 + 8, xw[sl][1]);                                               \
+    } else {                                                                                         \
+        xw[sl][0] = xw[sl][1] = V4{0u, 0u, 0u, 0u};                                                  \
+    }
+#else
+#define MM_XROW8(dd, sl)
+#endif
+#define MM_XFETCH(dd, sl)                                                                            \
+    if ((dd) < nchunks) {                                                                            \
+        if (g < MM_ROWS) {                                                                           \
+            ld_x16(xa + (w0 + (dd)) * 64, xv[sl][0]);                                               \
+            ld_x16(xa + (w0 + (dd)) * 64 + 8, xv[sl][1]);                                           \
+        } else {                                                                                     \
+            xv[sl][0] = xv[sl][1] = V4{0u, 0u, 0u, 0u};                                              \
+        }                                                                                            \
+        MM_XROW8(dd, sl)                                                                             \
+    }
+#define MM_XNEXT (GV_DEPTH > 1 ? 1 : 0)  // chunks ahead (one slot only: the current chunk's)
+    if (MM_XNEXT) MM_XFETCH(0, 0)
+#endif
+
+    float tot[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tot[i][e] = 0.f;
+
+    for (int base = 0; base < nchunks; base += GV_DEPTH) {
+#pragma unroll
+        for (int d = 0; d < GV_DEPTH; ++d) {
+            const int ch = base + d;
+            if (ch < nchunks) {
+                MM_FETCH(ch + GV_DEPTH - 1, (d + GV_DEPTH - 1) % GV_DEPTH)
+#if GV_XAHEAD
+                MM_XFETCH(ch + MM_XNEXT, (d + MM_XNEXT) % GV_DEPTH)
+                const u32 xr[8] = {xv[d][0].a, xv[d][0].b, xv[d][0].c, xv[d][0].d,
+                                   xv[d][1].a, xv[d][1].b, xv[d][1].c, xv[d][1].d};
+#if MM_ROWS > 8
+                const u32 xs[8] = {xw[d][0].a, xw[d][0].b, xw[d][0].c, xw[d][0].d,
+                                   xw[d][1].a, xw[d][1].b, xw[d][1].c, xw[d][1].d};
+#endif
+#else
+                const int k0 = (w0 + ch) * 64;
+#endif
+                const u32 wz[4] = {zb[d] & 0xFFu, (zb[d] >> 8) & 0xFFu, (zb[d] >> 16) & 0xFFu, zb[d] >> 24};
+                u32 nz[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) nz[i] = (NZ_BASE | wz[i]) * 0x10001u;
+                const u32 wv[2][4] = {{wa[d].a, wa[d].b, wa[d].c, wa[d].d}, {wb[d].a, wb[d].b, wb[d].c, wb[d].d}};
+                float acc[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    u32 a0, a2, a1 = 0u, a3 = 0u;  // rows g (a0: k pair 0, 1; a2: 2, 3) and g + 8
+#if GV_XAHEAD
+                    a0 = xr[2 * s];
+                    a2 = xr[2 * s + 1];
+#if MM_ROWS > 8
+                    a1 = xs[2 * s];
+                    a3 = xs[2 * s + 1];
+#endif
+#else
+                    ld_x8(xa + k0 + 4 * s, a0, a2);
+                    if (g >= MM_ROWS) a0 = a2 = 0u;
+#if MM_ROWS > 8
+                    ld_x8(xb + k0 + 4 * s, a1, a3);
+                    if (g + 8 >= MM_ROWS) a1 = a3 = 0u;
+#endif
+#endif
+                    const int byte = 2 * (s & 1);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const u32 w = wv[s >> 1][i];
+                        const u32 u = w >> 4;
+                        const u32 b0 = fma2(lop3_or_and(prmt(w, u, byte | (byte << 4) | ((4 + byte) << 8) |
+                                                                     ((4 + byte) << 12)), 0x000F000Fu, MAGIC2), ONE, nz[i]);
+                        const u32 b1 = fma2(lop3_or_and(prmt(w, u, (byte + 1) | ((byte + 1) << 4) | ((5 + byte) << 8) |
+                                                                     ((5 + byte) << 12)), 0x000F000Fu, MAGIC2), ONE, nz[i]);
+                        mma16816(acc[i], a0, a1, a2, a3, b0, b1);
+                    }
+                }
+                // tile i's accumulators: (row g, columns 2t, 2t + 1), (row g + 8, the same) of the n8 tile, i.e.
+                // output columns 8t + i and 8t + 4 + i of the block's 32
+                const u32 sv[4] = {sb[d].a, sb[d].b, sb[d].c, sb[d].d};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float s_lo = half2f((u16)((i & 1) ? sv[i >> 1] >> 16 : sv[i >> 1] & 0xFFFFu));
+                    const float s_hi = half2f((u16)((i & 1) ? sv[2 + (i >> 1)] >> 16 : sv[2 + (i >> 1)] & 0xFFFFu));
+                    tot[i][0] = fmaf(acc[i][0], s_lo, tot[i][0]);
+                    tot[i][1] = fmaf(acc[i][1], s_hi, tot[i][1]);
+                    tot[i][2] = fmaf(acc[i][2], s_lo, tot[i][2]);
+                    tot[i][3] = fmaf(acc[i][3], s_hi, tot[i][3]);
+                }
+            }
+        }
+    }
+#undef MM_FETCH
+#if GV_XAHEAD
+#undef MM_XFETCH
+#undef MM_XROW8
+#undef MM_XNEXT
+#endif
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = g + 8 * (e >> 1), col = 8 * t + 4 * (e & 1) + i;
+            if (row < MM_ROWS) red[warp][row][col] = tot[i][e];
+        }
+    __syncthreads();
+
+    for (int o = threadIdx.x; o < MM_ROWS * 32; o += GV_TPB) {
+        const int m = o / 32, j = o % 32, n = n0 + j;
+        if (n >= N) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < GV_W; ++w) v += red[w][m][j];
+#if GV_SPLIT
+        atomicAdd(ws + (size_t)m * N + n, v);
+#else
+#if GV_HAS_BIAS
+        v += h2f(bias[n]);
+#endif
+        y[(size_t)m * ldy + n] = f2h(v);
+#endif
+    }
+#if GV_SPLIT
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int done = atomicAdd(cnt + blockIdx.x, 1);
+        last_block = done == (int)gridDim.y - 1;
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    for (int o = threadIdx.x; o < MM_ROWS * 32; o += GV_TPB) {
+        const int m = o / 32, j = o % 32, n = n0 + j;
+        if (n >= N) continue;
+        float v = atomicExch(ws + (size_t)m * N + n, 0.f);
+#if GV_HAS_BIAS
+        v += h2f(bias[n]);
+#endif
+        y[(size_t)m * ldy + n] = f2h(v);
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+#endif
+}
+#endif  // GV_MMA

@@ -93,7 +93,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantizers.kernels import cuda, current_stream, gpu, l2_copies, ptx
+from quantizers.kernels import cuda, current_stream, device_index, gpu, l2_copies, ptx
 from quantizers.kernels.ptx import PAIR_BITS, RUN_CONSTRAINTS, pair_asm, pair_constraints, run_asm
 from quantizers.pack import unpack_rows
 from quantizers.qlinear import Backend, QuantLinear, register_backend
@@ -113,7 +113,7 @@ MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC 
 HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there (a kernel constexpr)
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
-         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv"}
+         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv", "mma": "cuda-mma"}
 RUN_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}  # the names ptx.run_asm takes
 # bits of 2**7 (bfloat16) and 2**10 (float16), whose ulp is 1: MAGIC16 | code = 2**e + code
 MAGIC16 = {dtype: ptx.RUN_FLOATS[name][0] for dtype, name in RUN_DTYPE_NAMES.items()}
@@ -475,7 +475,7 @@ def gather_columns(x: torch.Tensor, perm: torch.Tensor, pdl: bool = False) -> to
     programmatic dependent launch, overlapping the kernels before and after it (:func:`pdl_runs`)."""
     M, K = x.shape
     y = torch.empty((M, K), dtype=x.dtype, device=x.device)
-    key = (M, K, pdl, x.device)
+    key = (M, K, pdl, x.get_device())  # the device's index (−1: the CPU), as plans are keyed
     launch = _GATHERS.get(key)
     if launch is None:
         fixed = dict(K=K, BLOCK=GATHER_BLOCK, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
@@ -486,7 +486,7 @@ def gather_columns(x: torch.Tensor, perm: torch.Tensor, pdl: bool = False) -> to
 
 
 GATHER_BLOCK = 1024  # columns a program of the gather
-_GATHERS: dict[tuple, _ThroughTriton] = {}  # the gather's launches by (rows, K, overlapped, device)
+_GATHERS: dict[tuple, _ThroughTriton] = {}  # the gather's launches by (rows, K, overlapped, device index)
 
 
 @triton.jit
@@ -774,7 +774,9 @@ class Config:
     cuda (:func:`cuda.shape`): ``bn`` columns a block (32 × columns a thread), ``bk`` codes of ``k`` a
     step, ``num_warps`` warps a block, ``num_stages`` steps in flight, ``split`` K splits (0: enough blocks
     to give every SM ``warps_per_sm`` warps); under act-order the kernel reads ``x[perm[k]]`` as it stages
-    ``x`` unless ``gather``."""
+    ``x`` unless ``gather``. mma (the CUDA GEMV's tensor-core variant): ``num_warps``, ``num_stages``,
+    ``split``/``warps_per_sm`` as cuda's; ``prefetch`` loads a lane's ``x`` of a chunk one chunk ahead, 32
+    bytes a row in two loads, instead of 8 bytes a row as each step needs it."""
 
     kernel: str = "gemv"
     bn: int = 128
@@ -799,6 +801,8 @@ class Config:
         if self.kernel == "cuda":
             gather = "+g" if self.gather else ""
             return f"cuda n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{gather}"
+        if self.kernel == "mma":
+            return f"mma n32 k64 {split} x{self.num_warps}/{self.num_stages}" + ("+pf" if self.prefetch else "")
         swap = "+sw" if self.swap else ""
         return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{swap}"
 
@@ -824,6 +828,24 @@ CUDA_CONFIGS = [Config("cuda", bn=32, bk=128, num_warps=16, num_stages=2, split=
                 Config("cuda", bn=32, bk=128, num_warps=32, num_stages=2, split=1),
                 Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2, split=1),
                 Config("cuda", bn=32, bk=128, num_warps=8, num_stages=3, split=1)]
+
+
+# The CUDA GEMV's candidates for 2 to 8 rows (K split as x's rows need shared memory): the fastest two of four at
+# 4096×11008 on an H200, 4 rows (3 bits: 18.3 µs, 1.35× bf16, where the dot kernel took 29.8)
+CUDA_ROWS_CONFIGS = [Config("cuda", bn=32, bk=128, num_warps=8, num_stages=2, split=1),
+                     Config("cuda", bn=64, bk=64, num_warps=8, num_stages=2, warps_per_sm=16)]
+
+
+# The tensor-core variant's: at 4096×11008 on an H200, 8 warps, 2 stages took 14.0 µs at 4 rows (x as each step
+# needs it) and 17.7 at 16 (x a chunk ahead; 25.8 without). The others: block shapes and waves around those.
+MMA_CONFIGS = [Config("mma", num_warps=8, num_stages=2, warps_per_sm=16),
+               Config("mma", num_warps=4, num_stages=4, warps_per_sm=32),
+               Config("mma", num_warps=4, num_stages=3, warps_per_sm=16),
+               Config("mma", num_warps=8, num_stages=2, warps_per_sm=16, prefetch=True),
+               Config("mma", num_warps=4, num_stages=2, warps_per_sm=12, prefetch=True),
+               Config("mma", num_warps=8, num_stages=2, warps_per_sm=24, prefetch=True),
+               Config("mma", num_warps=4, num_stages=2, warps_per_sm=32, prefetch=True),
+               Config("mma", num_warps=16, num_stages=2, warps_per_sm=16, prefetch=True)]
 
 
 def default_config(M: int, bits: int, act_order: bool = False) -> Config:
@@ -897,6 +919,12 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
                 Config("dot", bm=bm, bn=32, bk=128, num_warps=2, num_stages=3, warps_per_sm=12, swap=True)]
     if bits not in DQ16_BITS:  # swap only changes the 16-bit path
         out = [c for c in out if not c.swap]
+    if bits in cuda.BITS and M <= cuda.MAX_ROWS:  # the CUDA GEMV, its dequantized pairs reused across the rows
+        out += CUDA_ROWS_CONFIGS
+        if act_order:  # x gathered first: all of it need not fit next to the block's
+            out.append(replace(CUDA_ROWS_CONFIGS[0], gather=True))
+    if bits == 4 and M <= cuda.MMA_ROWS:  # the tensor-core CUDA variant (where it can run: tuning skips it elsewhere)
+        out += MMA_CONFIGS
     return list(dict.fromkeys(out))
 
 
@@ -948,7 +976,7 @@ def workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Te
     split-K on ``device``'s current stream; kernels leave them zero again, so they are allocated once and
     reused."""
     if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
+        idx = device_index(device)
         key = (idx, current_stream(idx))
     else:
         key = (device.type, 0)
@@ -968,7 +996,7 @@ def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
     (0) when a tile lies in one group, else ELEMENT (2). ``bk`` shrinks until a tile fits in a group
     (down to the packed block, and to 16 codes for dot: ``tl.dot`` takes K ≥ 16). ``cuda`` configs are
     taken as they are (:func:`cuda.supports` says where they fit)."""
-    if cfg.kernel == "cuda":
+    if cfg.kernel in ("cuda", "mma"):
         return cfg, int(TILE)
     per = BLOCKS[rt.bits][0]
     floor = max(per, 16) if cfg.kernel == "dot" else per
@@ -1104,13 +1132,15 @@ def launcher(kernel, grid: tuple, fixed: dict, names: tuple[str, ...], varying: 
 def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
           config: Config | None) -> _Plan:
     pdl = pdl_runs(device)
-    if config is not None and config.kernel == "cuda":
-        gather_x = rt.perm is not None and config.gather  # else the kernel gathers x as it stages it
+    if config is not None and config.kernel in ("cuda", "mma"):
+        # act-order: the GEMV gathers x as it stages it unless told otherwise; the tensor-core variant reads it
+        # gathered first
+        gather_x = rt.perm is not None and (config.gather or config.kernel == "mma")
         try:
             launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl, perm=not gather_x)
         except ValueError as exc:  # what it does not take, or a device it cannot run on
             raise ValueError(f"config {config.name()!r}: {exc}") from None
-        return _Plan(None, (), {}, launch.workspace, PATHS["cuda"], gather_x, pdl, launch,
+        return _Plan(None, (), {}, launch.workspace, PATHS[config.kernel], gather_x, pdl, launch,
                      (rt.scratch, None, rt.scratch))
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
