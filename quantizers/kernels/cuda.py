@@ -5,10 +5,12 @@ or build step at install time.
 :func:`prepare` resolves one product's launch once (:class:`Launch`: compiled variant, grid, K split,
 shared memory, its C parameters) and :func:`run` fills in the call's tensors and launches it: ``x``
 (up to :data:`MAX_ROWS` rows, float16 / bfloat16) times a packed weight in the Triton module's
-:class:`~quantizers.kernels.triton_gemm.Runtime` layout (2 or 4 bits, regular groups, codes in sorted
+:class:`~quantizers.kernels.triton_gemm.Runtime` layout (2, 3 or 4 bits, regular groups, codes in sorted
 order; under act-order the kernel reads ``x[perm[k]]`` itself, or the caller passes ``x`` gathered).
-:func:`supports` says where it runs. A launch shape
-is the Triton module's ``Config`` with ``kernel="cuda"`` (read here by its fields, see :func:`defines`).
+Its tensor-core variant (``kernel="mma"``: 4 bits, up to :data:`MMA_ROWS` rows, ``x`` gathered first)
+is compiled from the same source. :func:`supports` says where each runs. A launch shape
+is the Triton module's ``Config`` with ``kernel="cuda"`` or ``"mma"`` (read here by its fields, see
+:func:`defines`).
 Compiled kernels are kept per process and, as cubins, on disk under ``$HARNESS_CACHE/cuda`` (default
 ``~/.cache/quant-harness/cuda``). ``HARNESS_KERNEL_CUDA=0`` turns the path off.
 

@@ -53,13 +53,15 @@ dtype.
   float32) on (blocks, columns) tiles of packed words, the tile's ``x`` (gathered under act-order) read
   by every thread or once per program and regrouped (``xsplit``); split-K over enough programs to fill
   the GPU.
-* ``cuda`` (one row, a tuning candidate, :mod:`quantizers.kernels.cuda`): the CUDA C++ GEMV of
-  ``gemv.cu``, compiled at run time by NVRTC, at 2 and 4 bits with 16-bit ``x`` and regular groups. A
+* ``cuda`` (1 to 8 rows, a tuning candidate, :mod:`quantizers.kernels.cuda`): the CUDA C++ GEMV of
+  ``gemv.cu``, compiled at run time by NVRTC, at 2, 3 and 4 bits with 16-bit ``x`` and regular groups. A
   block of many warps covers 32 columns and splits its K range between its warps, which add up in
   shared memory (no split-K atomics); ``x`` waits in shared memory, the words, scales and zeros of the
   next steps in registers. Faster than ``gemv`` where one block per SM covers the GPU (4096×4096 on an
   H200: there its first weights arrive while the kernel before it ends), slower elsewhere; tuning
-  decides.
+  decides. At 2 to 8 rows each dequantized pair serves every row (3 bits: faster than ``dot`` there).
+* ``mma`` (2 to 16 rows, 4 bits, a tuning candidate): ``gemv.cu``'s tensor-core variant,
+  ``mma.sync.m16n8k16`` fed straight from the GPTQ layout (act-order's ``x`` gathered first).
 * ``dot`` (larger ``M``): one ``tl.dot`` (tensor cores) of (BM, BK) contiguous ``x`` with the dequantized
   (BK, BN) tile per K tile, optional split-K. At 2 and 4 bits with 16-bit ``x`` (``triton-dot-dq16``) each
   thread dequantizes runs of 8 codes it loaded itself straight into ``x``'s dtype, two codes per
