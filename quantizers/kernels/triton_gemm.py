@@ -1034,16 +1034,27 @@ class _Plan:
     """Everything about one launch that depends on the rows, dtype and config but not on the tensors of
     the call: built once per (M, dtype, bias, config) and kept on the :class:`Runtime`."""
 
-    kernel: object
-    grid: tuple[int, int, int]
-    fixed: dict
     workspace: tuple[int, int]  # float32 words and counters of split-K scratch; (0, 0): none
     path: str
     gather_x: bool = False  # act-order (dot kernel, or GEMV with Config.gather): x's columns sorted once per call
     pdl: bool = False  # launched with programmatic dependent launch (sm_90+): overlaps the kernel before
-    cuda_launch: cuda.Launch | None = None  # the CUDA GEMV runs this product (kernel, grid and fixed unused)
+    cuda_launch: cuda.Launch | None = None  # the CUDA GEMV runs this product
     scratch: tuple = ()  # (float32, int32, counters) stand-ins for the workspace when nothing is split (not read)
     launch: _ThroughTriton | None = None  # the Triton kernel's launches (None: the CUDA GEMV's)
+
+    @property
+    def kernel(self):
+        """The Triton kernel launched (None: the CUDA GEMV's product)."""
+        return None if self.launch is None else self.launch.kernel
+
+    @property
+    def grid(self) -> tuple:
+        return () if self.launch is None else self.launch.grid
+
+    @property
+    def fixed(self) -> dict:
+        """The Triton kernel's arguments that are the same every call (empty for the CUDA GEMV)."""
+        return {} if self.launch is None else self.launch.fixed
 
 
 CALL_ARGS = ("X", "stride_xm", "stride_xk", "BIAS", "Y", "stride_ym", "stride_yn", "WS", "WSI", "CNT")  # per call
@@ -1142,8 +1153,8 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
             launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl, perm=not gather_x)
         except ValueError as exc:  # what it does not take, or a device it cannot run on
             raise ValueError(f"config {config.name()!r}: {exc}") from None
-        return _Plan(None, (), {}, launch.workspace, PATHS[config.kernel], gather_x, pdl, launch,
-                     (rt.scratch, None, rt.scratch))
+        return _Plan(launch.workspace, PATHS[config.kernel], gather_x, pdl, cuda_launch=launch,
+                     scratch=(rt.scratch, None, rt.scratch))
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
     n_tiles = triton.cdiv(N, cfg.bn)
@@ -1178,7 +1189,7 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
         kernel = _dot_kernel
         fixed.update(M=M)
     grid = (n_tiles, split, m_tiles)
-    return _Plan(kernel, grid, fixed, (M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
+    return _Plan((M * N, m_tiles * n_tiles) if split > 1 else (0, 0),
                  path + ("-interpreted" if interpreted() else ""), gather_x, pdl,
                  scratch=(rt.scratch, rt.scratch.view(torch.int32), rt.g_sorted),
                  launch=launcher(kernel, grid, fixed, CALL_ARGS, CALLER_ARGS))
