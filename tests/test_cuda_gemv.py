@@ -336,3 +336,19 @@ def test_three_bit_pairs_give_exact_code_minus_zero_and_sums(f16):
                 a = fma2(q, xp, a if i else 0x80008000)
             total += to_float(a & 0xFFFF) + to_float(a >> 16)
         assert total == sum(xv * (q - z) for xv, q in zip(x, codes, strict=True))
+
+
+def test_every_tuning_candidate_of_the_cuda_kernels_takes_the_llama_shapes():
+    """Tuning's ``cuda`` candidates at 2–8 rows and ``mma`` candidates at 2–16 fit every row count they are
+    offered for on LLaMA-7B's shapes (tuning would skip a refused one silently; the GPU tests expect none
+    skipped there, act-order's x at 8 × 11008 aside)."""
+    from quantizers.kernels.triton_gemm import CUDA_ROWS_CONFIGS, MMA_CONFIGS
+
+    for K, N in ((4096, 4096), (4096, 11008), (11008, 4096)):
+        for bits in cuda.BITS:
+            for cfg in CUDA_ROWS_CONFIGS:
+                for M in (2, 5, 8):
+                    assert cuda.supports(_Rt(bits=bits, K=K, N=N), M, torch.bfloat16, cfg) is None, (cfg.name(), M)
+        for cfg in MMA_CONFIGS:
+            for M in (2, 9, 16):
+                assert cuda.supports(_Rt(K=K, N=N), M, torch.bfloat16, cfg) is None, (cfg.name(), K, N, M)
