@@ -196,6 +196,52 @@ struct alignas(16) V4 {
     u32 a, b, c, d;
 };
 
+// The end of a block: its warps' sums red[w][m][j] (COLS columns from tile_n) added up, then y (+ bias) written.
+// With SPLIT the sums go into the float32 workspace instead, and the column tile's last block (counted) writes
+// y, re-zeroing what it read.
+template <int ROWS, int COLS>
+static __device__ __forceinline__ void block_out(const float (&red)[GV_W][ROWS][COLS], int tile_n,
+                                                 const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
+                                                 float* __restrict__ ws, int* __restrict__ cnt, int N) {
+    for (int o = threadIdx.x; o < ROWS * COLS; o += GV_TPB) {
+        const int m = o / COLS, j = o % COLS, n = tile_n + j;
+        if (n >= N) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < GV_W; ++w) v += red[w][m][j];
+#if GV_SPLIT
+        atomicAdd(ws + (size_t)m * N + n, v);
+#else
+#if GV_HAS_BIAS
+        v += h2f(bias[n]);
+#endif
+        y[(size_t)m * ldy + n] = f2h(v);
+#endif
+    }
+#if GV_SPLIT
+    __shared__ int last_block;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int done = atomicAdd(cnt + blockIdx.x, 1);
+        last_block = done == (int)gridDim.y - 1;
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    for (int o = threadIdx.x; o < ROWS * COLS; o += GV_TPB) {
+        const int m = o / COLS, j = o % COLS, n = tile_n + j;
+        if (n >= N) continue;
+        float v = atomicExch(ws + (size_t)m * N + n, 0.f);
+#if GV_HAS_BIAS
+        v += h2f(bias[n]);
+#endif
+        y[(size_t)m * ldy + n] = f2h(v);
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+#endif
+}
+
 #if !GV_MMA
 extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
@@ -205,9 +251,6 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     // dynamic shared memory: the block's x, ROWS × (its word rows × XW) pairs (with PERM then all of x)
     extern __shared__ V4 smem4[];
     __shared__ float red[GV_W][GV_ROWS][32 * GV_C];
-#if GV_SPLIT
-    __shared__ int last_block;
-#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n0 = (blockIdx.x * 32 + lane) * GV_C;  // this thread's first column
     const bool n_ok = n0 < N;
@@ -411,43 +454,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
         for (int c = 0; c < GV_C; ++c) red[warp][m][lane * GV_C + c] = acc[m][c];
     __syncthreads();
 
-    const int tile_n = blockIdx.x * 32 * GV_C;
-    for (int o = threadIdx.x; o < GV_ROWS * 32 * GV_C; o += GV_TPB) {
-        const int m = o / (32 * GV_C), j = o % (32 * GV_C), n = tile_n + j;
-        if (n >= N) continue;
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < GV_W; ++w) v += red[w][m][j];
-#if GV_SPLIT
-        atomicAdd(ws + (size_t)m * N + n, v);
-#else
-#if GV_HAS_BIAS
-        v += h2f(bias[n]);
-#endif
-        y[(size_t)m * ldy + n] = f2h(v);
-#endif
-    }
-#if GV_SPLIT
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int done = atomicAdd(cnt + blockIdx.x, 1);
-        last_block = done == (int)gridDim.y - 1;
-    }
-    __syncthreads();
-    if (!last_block) return;
-    __threadfence();
-    for (int o = threadIdx.x; o < GV_ROWS * 32 * GV_C; o += GV_TPB) {
-        const int m = o / (32 * GV_C), j = o % (32 * GV_C), n = tile_n + j;
-        if (n >= N) continue;
-        float v = atomicExch(ws + (size_t)m * N + n, 0.f);
-#if GV_HAS_BIAS
-        v += h2f(bias[n]);
-#endif
-        y[(size_t)m * ldy + n] = f2h(v);
-    }
-    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
-#endif
+    block_out(red, blockIdx.x * 32 * GV_C, bias, y, ldy, ws, cnt, N);
 }
 #endif  // !GV_MMA
 
@@ -494,9 +501,6 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split,
     const int* __restrict__ perm) {
     __shared__ float red[GV_W][MM_ROWS][32];
-#if GV_SPLIT
-    __shared__ int last_block;
-#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 32;
     const bool n_ok = n0 + 4 * g < N;  // N is a multiple of 4 (checked by the caller)
@@ -659,41 +663,6 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
         }
     __syncthreads();
 
-    for (int o = threadIdx.x; o < MM_ROWS * 32; o += GV_TPB) {
-        const int m = o / 32, j = o % 32, n = n0 + j;
-        if (n >= N) continue;
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < GV_W; ++w) v += red[w][m][j];
-#if GV_SPLIT
-        atomicAdd(ws + (size_t)m * N + n, v);
-#else
-#if GV_HAS_BIAS
-        v += h2f(bias[n]);
-#endif
-        y[(size_t)m * ldy + n] = f2h(v);
-#endif
-    }
-#if GV_SPLIT
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int done = atomicAdd(cnt + blockIdx.x, 1);
-        last_block = done == (int)gridDim.y - 1;
-    }
-    __syncthreads();
-    if (!last_block) return;
-    __threadfence();
-    for (int o = threadIdx.x; o < MM_ROWS * 32; o += GV_TPB) {
-        const int m = o / 32, j = o % 32, n = n0 + j;
-        if (n >= N) continue;
-        float v = atomicExch(ws + (size_t)m * N + n, 0.f);
-#if GV_HAS_BIAS
-        v += h2f(bias[n]);
-#endif
-        y[(size_t)m * ldy + n] = f2h(v);
-    }
-    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
-#endif
+    block_out(red, n0, bias, y, ldy, ws, cnt, N);
 }
 #endif  // GV_MMA
