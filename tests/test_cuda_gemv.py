@@ -302,14 +302,14 @@ def test_three_bit_pairs_give_exact_code_minus_zero_and_sums(f16):
     c = _consts(f16)
     mask = int(re.search(r"lop3_or_and\(t, (0x[0-9a-f]+)u, MAGIC2\), ONE_SIXTEENTH", cuda.SOURCE.read_text()).group(1),
                16)
+    from tests.test_ptx import bf16_bits, bf16_round, f16_bits
+
     to_float = (lambda h: float(np.uint16(h).view(np.float16))) if f16 else (
         lambda h: float(np.uint32(h << 16).view(np.float32)))
 
-    def to_bits(v: float) -> int:  # nearest 16-bit float, ties to even
-        if f16:
-            return int(np.float16(v).view(np.uint16))
-        m, e = np.frexp(v)
-        return int(np.float32(np.ldexp(np.rint(m * 256.0), e - 8)).view(np.uint32)) >> 16
+    def to_bits(v: float) -> int:  # nearest 16-bit float, ties to even (the PTX tests' roundings)
+        a = np.array([v], dtype=np.float64)
+        return int((f16_bits(a) if f16 else bf16_bits(bf16_round(a)))[0])
 
     def fma2(a: int, b: int, d: int) -> int:  # per half: a·b + d, rounded once
         lo = to_bits(to_float(a & 0xFFFF) * to_float(b & 0xFFFF) + to_float(d & 0xFFFF))
