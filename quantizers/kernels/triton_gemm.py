@@ -997,7 +997,7 @@ def fit_config(cfg: Config, rt: Runtime) -> tuple[Config, int]:
     """``cfg`` with ``bk`` adjusted to the layout and the groups, and the kernels' ``GROUPING``: TILE
     (0) when a tile lies in one group, else ELEMENT (2). ``bk`` shrinks until a tile fits in a group
     (down to the packed block, and to 16 codes for dot: ``tl.dot`` takes K ≥ 16). ``cuda`` configs are
-    taken as they are (:func:`cuda.supports` says where they fit)."""
+    taken as they are, as are ``mma`` ones (:func:`cuda.supports` says where they fit)."""
     if cfg.kernel in ("cuda", "mma"):
         return cfg, int(TILE)
     per = BLOCKS[rt.bits][0]
