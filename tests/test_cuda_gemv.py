@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,12 @@ MMA_VARIANTS = [  # config, rows, dtype, split, bias, pdl: the tensor-core varia
     (Config("mma", num_warps=2, num_stages=4, prefetch=True), 9, torch.bfloat16, True, True, False),
     (Config("mma", num_warps=4, num_stages=1, prefetch=True), 16, torch.bfloat16, False, False, True),
     (Config("mma", num_warps=16, num_stages=2, prefetch=True), 16, torch.bfloat16, True, True, True),
+    # the weights as mma's A operand (+sw): tuning's shapes, two n8 tiles of rows, both dtypes
+    (Config("mma", bn=64, num_warps=4, num_stages=2, swap=True), 8, torch.bfloat16, True, True, True),
+    (Config("mma", bn=32, num_warps=4, num_stages=2, swap=True), 3, torch.float16, False, False, True),
+    (Config("mma", bn=64, num_warps=16, num_stages=2, split=1, swap=True), 8, torch.bfloat16, False, True, True),
+    (Config("mma", bn=64, num_warps=4, num_stages=3, swap=True), 16, torch.bfloat16, True, True, False),
+    (Config("mma", bn=32, num_warps=8, num_stages=4, swap=True), 1, torch.float16, True, False, True),
 ]
 
 
@@ -78,7 +85,8 @@ def test_tensor_core_variant_compiles_without_spills(arch, i, tmp_path):
     if pdl and arch == "80":
         pytest.skip("griddepcontrol (programmatic dependent launch) is sm_90+")
     d = cuda.defines(4, cfg, rows, dtype, split, bias, pdl)
-    assert d["MMA"] == 1 and d["PERM"] == 0 and d["XAHEAD"] == int(cfg.prefetch)
+    assert d["PERM"] == 0 and d["MMA"] == (2 if cfg.swap else 1)
+    assert d["C"] == (cfg.bn // 32 if cfg.swap else 1) and d.get("XAHEAD", 0) == int(cfg.prefetch and not cfg.swap)
     proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "k.cubin"),
                            *[f"-DGV_{k}={v}" for k, v in d.items()], "-Xptxas", "-v", str(cuda.SOURCE)],
                           capture_output=True, text=True, timeout=300)
@@ -100,6 +108,11 @@ def test_tensor_core_variant_supports_names_what_it_does_not_take():
     assert "48 KiB" in cuda.supports(_Rt(), 16, torch.bfloat16, Config("mma", num_warps=32, num_stages=2))
     assert cuda.shape(ok, 4) == (1, 4, 8, 3)  # a step: 64 codes, 8 word rows
     assert cuda.split_k(_Rt(K=4096), ok, 16, 128, 132) == (5, 13)  # 4 blocks of 4 warps an SM; x not in shared memory
+    sw = Config("mma", bn=64, num_warps=4, num_stages=2, split=1, swap=True)  # the weights as A: x in shared memory
+    assert cuda.shape(sw, 4) == (2, 4, 8, 2) and cuda.supports(_Rt(), 16, torch.bfloat16, sw) is None
+    assert cuda.split_k(_Rt(K=4096), sw, 8, 64, 132) == (1, 64)  # 8 × 4096 × 2 bytes and Σx fit: one block
+    assert cuda.split_k(_Rt(K=4096), sw, 16, 64, 132) == (2, 32)  # 16 rows do not
+    assert "48 KiB" in cuda.supports(_Rt(), 16, torch.bfloat16, replace(sw, num_warps=16))
 
 
 def test_launch_shape_reads_the_config_in_the_kernels_units():
@@ -270,6 +283,83 @@ def test_tensor_core_variant_maps_gptq_words_onto_mma_fragments(rows):
     assert not np.isnan(y).any()  # every (row, column) written once
     assert np.array_equal(y[:rows], x @ W)
     assert not y[rows:].any()
+
+
+@pytest.mark.parametrize("rows,c,gs", [(1, 2, 128), (5, 1, 64), (16, 2, 64), (9, 1, 256)])
+def test_swapped_tensor_core_variant_maps_gptq_words_onto_mma_fragments(rows, c, gs):
+    """The "+sw" tensor-core variant (gemv.cu, GV_MMA 2) emulated for one warp over a 32·c-column tile and
+    four chunks of 64 codes: the words each lane loads as mma's A (codes as 128 + code), x's staged pairs as
+    its B, Σx of each chunk, and the zero and scale applied at each group's last chunk, must give x · W
+    exactly (small integers, power-of-two scales), every (row, column) written once."""
+    import numpy as np
+
+    rng = np.random.default_rng(rows * 10 + c)
+    K, N = 256, 32 * c
+    q = rng.integers(0, 16, (K, N))
+    z = rng.integers(0, 16, (K // gs, N))
+    s = 2.0 ** rng.integers(-2, 3, (K // gs, N))
+    x = rng.integers(-3, 4, (rows, K)).astype(float)
+    qw = np.zeros((K // 8, N), dtype=np.int64)
+    for i in range(8):
+        qw |= q[i::8] << (4 * i)  # GPTQ: word row r holds codes 8r … 8r + 7, code i at bit 4i
+    W = s[np.arange(K) // gs] * (q - z[np.arange(K) // gs])
+    # x staged as the GEMV stages it: V4 j of a row holds pairs (x_8j+i, x_8j+i+4), i = 0 … 3; Σx per chunk
+    pairs = [[[(x[m, 8 * j + i], x[m, 8 * j + i + 4]) for i in range(4)] for j in range(K // 8)] for m in range(rows)]
+    xsum = [[x[m, 64 * ch:64 * ch + 64].sum() for ch in range(K // 64)] for m in range(rows)]
+    T, NB = 2 * c, (rows + 7) // 8
+    col = lambda g, j: 32 * (j >> 2) + 4 * g + (j & 3)  # noqa: E731 - word j of lane (g, ·): its column
+    code2 = lambda w, p: (128 + ((w >> 4 * p) & 15), 128 + ((w >> (4 * p + 16)) & 15))  # noqa: E731 - lop3 | 2**7
+    acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(NB)] for _ in range(T)]  # [tile][nb][lane][e]
+    tot = [[[[0.0] * 4 for _ in range(32)] for _ in range(NB)] for _ in range(T)]
+    xs = [[[0.0, 0.0] for _ in range(NB)] for _ in range(32)]
+    for ch in range(K // 64):
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            for nb in range(NB):
+                for h in range(2):
+                    if 8 * nb + 2 * t + h < rows:
+                        xs[lane][nb][h] += xsum[8 * nb + 2 * t + h][ch]
+        for step in range(4):
+            r, p = step >> 1, 2 * (step & 1)
+            for i in range(T):
+                a_regs = []
+                for lane in range(32):
+                    g, t = lane >> 2, lane & 3
+                    wa, wb = (int(qw[8 * ch + 2 * t + r, col(g, 2 * i + hf)]) for hf in (0, 1))
+                    a_regs.append([code2(wa, p), code2(wb, p), code2(wa, p + 1), code2(wb, p + 1)])
+                for nb in range(NB):
+                    b_regs = []
+                    for lane in range(32):
+                        g, t = lane >> 2, lane & 3
+                        m = 8 * nb + g
+                        v = pairs[m][8 * ch + 2 * t + r] if m < rows else [(0.0, 0.0)] * 4
+                        b_regs.append([v[p], v[p + 1]])
+                    acc[i][nb] = _mma_16816(a_regs, b_regs, acc[i][nb])
+        if ((8 * ch + 8) // (gs // 8)) != (8 * ch) // (gs // 8) or ch == K // 64 - 1:  # the group's last chunk
+            grp = (8 * ch) // (gs // 8)
+            for lane in range(32):
+                g = lane >> 2
+                for j in range(4 * c):
+                    i, half, n = j >> 1, j & 1, col(g, j)
+                    for nb in range(NB):
+                        for h in range(2):
+                            e = 2 * half + h
+                            a = acc[i][nb][lane][e] - (128 + z[grp, n]) * xs[lane][nb][h]
+                            tot[i][nb][lane][e] += s[grp, n] * a
+                            acc[i][nb][lane][e] = 0.0
+                xs[lane] = [[0.0, 0.0] for _ in range(NB)]
+    y = np.full((rows, N), np.nan)
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for i in range(T):
+            for nb in range(NB):
+                for e in range(4):
+                    j, m = 2 * i + (e >> 1), 8 * nb + 2 * t + (e & 1)
+                    if m < rows:
+                        assert np.isnan(y[m, col(g, j)])
+                        y[m, col(g, j)] = tot[i][nb][lane][e]
+    assert not np.isnan(y).any()  # every (row, column) written once
+    assert np.array_equal(y, x @ W)
 
 
 def _consts(f16: bool) -> dict[str, int]:

@@ -35,7 +35,7 @@ LAYOUTS = {  # group_size, act-order, irregular groups
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
-         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv", "mma": "cuda-mma"}
+         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv", "mma": "cuda-mma", "mma-sw": "cuda-mma-sw"}
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # relative, to the float32 product
 # (name, config fields, rows of x): the defaults by M and the dot kernel (every case), then tiles that exercise
 # the other code paths (one per case, in turn): dot without split-K, x read per element, prefetch on two rows,
@@ -372,6 +372,20 @@ CUDA_RUNS = [  # (bits, K, N, group size, act-order), rows, dtype, bias, config 
                                                                 prefetch=True)),
     ((4, 1024, 200, 64, True), 3, torch.bfloat16, False, dict(kernel="mma", num_warps=4, num_stages=1, split=0,
                                                               prefetch=True)),
+    # the weights as mma's A operand (+sw): one and two n8 tiles of rows, 32 and 64 columns a block (N off the
+    # tile), K split or not, groups of one chunk, one group, act-order (x gathered first), both dtypes, bias
+    ((4, 4096, 11008, 128, False), 8, torch.bfloat16, True, dict(kernel="mma", bn=64, num_warps=4, num_stages=2,
+                                                                 split=0, swap=True)),
+    ((4, 11008, 4096, 128, True), 4, torch.bfloat16, False, dict(kernel="mma", bn=32, num_warps=4, num_stages=2,
+                                                                 split=0, warps_per_sm=24, swap=True)),
+    ((4, 2048, 520, 64, False), 16, torch.float16, True, dict(kernel="mma", bn=64, num_warps=4, num_stages=3,
+                                                              split=3, swap=True)),
+    ((4, 4096, 4096, 128, False), 1, torch.bfloat16, False, dict(kernel="mma", bn=64, num_warps=16, num_stages=2,
+                                                                 split=1, swap=True)),
+    ((4, 2048, 200, 2048, True), 11, torch.bfloat16, True, dict(kernel="mma", bn=32, num_warps=8, num_stages=4,
+                                                                split=1, swap=True)),
+    ((4, 1024, 520, 64, True), 3, torch.float16, False, dict(kernel="mma", bn=64, num_warps=2, num_stages=2,
+                                                             split=2, swap=True)),
 ]
 
 
@@ -741,6 +755,7 @@ def test_compiled_kernels_match_dequantize_then_matmul_llama_shapes(compiled, na
         # or, where tuning picked it, the tensor-core CUDA variant (4 bits, up to 16 rows)
         allowed = {PATHS["dot-magic" if bits in (2, 4) else "dot"]}
         allowed |= {PATHS["mma"]} if bits == 4 and M <= 16 else set()
+        allowed |= {PATHS["mma-sw"]} if bits == 4 and M <= 8 else set()  # its weights as mma's A: up to 8 rows
         allowed |= {PATHS["cuda"]} if bits in (2, 3, 4) and M <= 8 else set()  # the CUDA GEMV up to 8 rows
         assert compiled[name]["path"] in allowed, compiled[name]["path"]
     tuned = compiled[name]["tuned"]
@@ -835,12 +850,12 @@ def test_cuda_gemv_matches_dequantize_then_matmul(compiled, i):
     res, x = gpu_inputs(bits, K_, N_, gs, act, M, dtype)
     b = torch.randn(N_, generator=torch.Generator().manual_seed(i)).to(dtype) if bias else None
     run = compiled["cuda"][i]
-    kind = fields.get("kernel", "cuda")
+    kind = "mma-sw" if fields.get("swap") else fields.get("kernel", "cuda")
     assert run["path"] == PATHS[kind] and run["y"].dtype == dtype and run["y"].shape == (M, N_)
     # act-order: the GEMV gathers x as it stages it unless told otherwise; the tensor-core variant reads it gathered.
     # One group (group size K): the sorted order is the identity, so the runtime keeps no permutation
     assert run["permuted"] == (act and gs < K_)
-    assert run["gather"] == (run["permuted"] and (fields.get("gather", False) or kind == "mma"))
+    assert run["gather"] == (run["permuted"] and (fields.get("gather", False) or kind in ("mma", "mma-sw")))
     assert run["pdl"] == run["hopper"]  # overlapped launches on sm_90+
     ref = reference(res, x, b)
     assert rel_err(run["y"], ref) < TOL[torch.bfloat16]  # bfloat16-pair sums even for float16 x (float16 pairs)

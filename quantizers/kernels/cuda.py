@@ -7,10 +7,10 @@ shared memory, its C parameters) and :func:`run` fills in the call's tensors and
 (up to :data:`MAX_ROWS` rows, float16 / bfloat16) times a packed weight in the Triton module's
 :class:`~quantizers.kernels.triton_gemm.Runtime` layout (2, 3 or 4 bits, regular groups, codes in sorted
 order; under act-order the kernel reads ``x[perm[k]]`` itself, or the caller passes ``x`` gathered).
-Its tensor-core variant (``kernel="mma"``: 4 bits, up to :data:`MMA_ROWS` rows, ``x`` gathered first)
-is compiled from the same source. :func:`supports` says where each runs. A launch shape
-is the Triton module's ``Config`` with ``kernel="cuda"`` or ``"mma"`` (read here by its fields, see
-:func:`defines`).
+Its tensor-core variant (``kernel="mma"``: 4 bits, up to :data:`MMA_ROWS` rows, ``x`` gathered first;
+``swap``: the weights as the mma's A operand) is compiled from the same source. :func:`supports` says
+where each runs. A launch shape is the Triton module's ``Config`` with ``kernel="cuda"`` or ``"mma"``
+(read here by its fields, see :func:`defines`).
 Compiled kernels are kept per process and, as cubins, on disk under ``$HARNESS_CACHE/cuda`` (default
 ``~/.cache/quant-harness/cuda``). ``HARNESS_KERNEL_CUDA=0`` turns the path off.
 
@@ -244,8 +244,9 @@ def shape(cfg, bits: int) -> tuple[int, int, int, int]:
     columns a block (32 × columns a thread: 4-, 8- or 16-byte loads), ``cfg.bk`` codes of K a step (one
     scale multiply per step), ``cfg.num_warps`` warps a block (they split the block's K range and add up
     in shared memory), ``cfg.num_stages`` steps in flight (that many − 1 loaded ahead)."""
-    if cfg.kernel == "mma":  # 32 columns a block, a chunk of 64 codes a step
-        return 1, cfg.num_warps, MMA_CHUNK // BLOCK.get(bits, (8, 1))[0], cfg.num_stages
+    if cfg.kernel == "mma":  # a chunk of 64 codes a step; 32 columns a block (+sw: 32 a 16-byte load of a lane)
+        c = max(1, cfg.bn // 32) if cfg.swap else 1
+        return c, cfg.num_warps, MMA_CHUNK // BLOCK.get(bits, (8, 1))[0], cfg.num_stages
     return max(1, cfg.bn // 32), cfg.num_warps, max(1, cfg.bk // BLOCK.get(bits, (1, 1))[0]), cfg.num_stages
 
 
@@ -256,7 +257,10 @@ def defines(bits: int, cfg, rows: int, dtype: torch.dtype, split: bool, bias: bo
     out = dict(BITS=bits, C=c, W=w, U=u, DEPTH=depth, ROWS=rows, F16=int(dtype == torch.float16),
                SPLIT=int(split), HAS_BIAS=int(bias), PDL=int(pdl), PERM=int(perm))
     if cfg.kernel == "mma":
-        out.update(MMA=1, PERM=0, XAHEAD=int(cfg.prefetch))  # x in sorted order: act-order's gathered first
+        if cfg.swap:  # the weights as mma's A operand, x staged in shared memory
+            out.update(MMA=2, PERM=0)
+        else:
+            out.update(MMA=1, PERM=0, XAHEAD=int(cfg.prefetch))  # x in sorted order: act-order's gathered first
     return out
 
 
@@ -317,7 +321,7 @@ def mma_supports(rt, M: int, dtype: torch.dtype, cfg) -> str | None:
         return f"groups that are not a multiple of {MMA_CHUNK} codes"
     if rt.N % 8 or rt.qweight.data_ptr() % 16 or rt.scales.data_ptr() % 16:
         return f"N = {rt.N} is not a multiple of 8 (or the words or scales are not 16-byte aligned)"
-    if cfg.num_warps * M * 32 * 4 > 48 * 1024:
+    if cfg.num_warps * M * 32 * shape(cfg, 4)[0] * 4 > 48 * 1024:
         return f"{cfg.num_warps} warps at {M} rows (their sums need more than 48 KiB of shared memory)"
     return None
 
@@ -332,9 +336,10 @@ def split_k(rt, cfg, M: int, tiles: int, sms: int, perm: bool = False) -> tuple[
     _, w, u, _ = shape(cfg, rt.bits)
     steps = rt.K // (BLOCK[rt.bits][0] * u)
     split = cfg.split or max(1, -(-max(1, cfg.warps_per_sm // w) * sms // tiles))
-    if cfg.kernel != "mma":  # the tensor-core variant reads x from global memory
+    if cfg.kernel != "mma" or cfg.swap:  # (the tensor-core variant without +sw reads x from global memory)
         room = X_SMEM - (M * rt.K * 2 if perm else 0)  # act-order: all of x is there too
-        split = max(split, -(-M * rt.K * 2 // room))  # the block's x fits in shared memory
+        xbytes = M * rt.K * 2 + (M * (steps * 4 + 16) if cfg.kernel == "mma" else 0)  # +sw: and Σx of each chunk
+        split = max(split, -(-xbytes // room))  # the block's x fits in shared memory
     split = max(1, min(split, steps))
     per = -(-steps // split)
     return -(-steps // per), per
@@ -372,8 +377,10 @@ def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool
     split, per = split_k(rt, cfg, M, tiles, gpu(device).sms, perm)
     k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl, perm), device)
     codes, words = BLOCK[rt.bits]
-    smem = 0 if cfg.kernel == "mma" else M * per * shape(cfg, rt.bits)[2] * codes * 2 + (
-        M * rt.K * 2 if perm else 0)
+    if cfg.kernel == "mma":  # +sw: the block's x (a row 16 bytes more: banks), and Σx of each (row, chunk)
+        smem = M * (per * (MMA_CHUNK * 2 + 4) + 16) if cfg.swap else 0
+    else:
+        smem = M * per * shape(cfg, rt.bits)[2] * codes * 2 + (M * rt.K * 2 if perm else 0)
     k.allow_smem(smem)
     return Launch(k, (tiles, split), per, smem, min(rt.group_size, rt.K) // codes * words,
                   (M * rt.N, tiles) if split > 1 else (0, 0), pdl, perm, Params())

@@ -196,6 +196,10 @@ struct alignas(16) V4 {
     u32 a, b, c, d;
 };
 
+struct alignas(8) V2 {
+    u32 x, y;
+};
+
 // The end of a block: its warps' sums red[w][m][j] (COLS columns from tile_n) added up, then y (+ bias) written.
 // With SPLIT the sums go into the float32 workspace instead, and the column tile's last block (counted) writes
 // y, re-zeroing what it read.
@@ -495,6 +499,8 @@ static __device__ __forceinline__ void ld_x16(const u16* p, V4& v) {  // 8 x val
     asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(p));
 }
 
+#if GV_MMA == 1
+
 extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
     const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
@@ -665,4 +671,193 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 
     block_out(red, n0, bias, y, ldy, ws, cnt, N);
 }
+#endif  // GV_MMA == 1
+
+#if GV_MMA == 2
+// The tensor-core GEMV ("+sw": 4 bits, up to 16 rows of x, x in sorted order: act-order's gathered first). The
+// weights are mma's A operand (16 output columns × 16 k) and x its B (k × 8 rows of x; a second B tile past 8
+// rows), so one mma.m16n8k16 takes 256 codes and the rows of x cost little more than one. Work: block
+// (32·C-column tile, K split) = W warps, each a contiguous range of chunks of 64 codes (8 word rows). Lane
+// (g, t) = (lane / 4, lane % 4) loads word rows 2t and 2t + 1 of the chunk at columns 32v + 4g … 32v + 4g + 3
+// (v < C: one 16-byte load each); of its 4C words of a row, word j = 4v + e (column 32v + 4g + e) is row g of
+// m16 tile j / 2 for even j, row g + 8 for odd j. Along k, mma sums its 16 positions in any order as long as A
+// and B agree: step s (0 … 3) of the chunk puts codes (p, p + 4) of word row 2t + (s >> 1) (p = 2(s & 1)) at
+// A's positions 2t, 2t + 1 and codes (p + 1, p + 5) at 2t + 8, 2t + 9, and B takes x at the same k: x is staged
+// in shared memory as the GEMV stages it (pairs (x_j, x_j+4) of each run of 8), so a word row's four pairs are
+// one 16-byte read. The codes go in as 2**e + code (one shift, one lop3 a pair: exact in 16 bits), the tensor
+// cores sum in float32, and the zero comes off once per group: Σ (q − z) x = acc − (2**e + z) · Σx, with Σx of
+// each (row, chunk) summed as x is staged. Then times the group's scales into the totals; the warps add up
+// through shared memory, and with SPLIT the blocks through the workspace, as the GEMV's do.
+#define MW_T (2 * GV_C)              // m16 tiles a warp: 16·2C output columns
+#define MW_NB ((GV_ROWS + 7) / 8)    // n8 tiles of x's rows
+#define MW_COLS (32 * GV_C)          // a block's columns
+#if GV_F16
+#define MW_MAGIC_F 1024.0f
+#else
+#define MW_MAGIC_F 128.0f
+#endif
+
+extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
+    const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
+    const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
+    float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split,
+    const int* __restrict__ perm) {
+    // dynamic shared memory: the block's x (ROWS × (its chunks × 8 + 1) V4s of pairs: a row's start one V4 on from
+    // the last's, so that the lanes reading 8 rows at once hit different banks), then Σx of each (row, chunk)
+    extern __shared__ V4 smem4[];
+    __shared__ float red[GV_W][GV_ROWS][MW_COLS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * MW_COLS;
+    const int chunks = K / 64;
+    const int c0 = blockIdx.y * steps_per_split;
+    const int c1 = min(chunks, c0 + steps_per_split);
+    const int nch = c1 - c0;
+    const int per_warp = (nch + GV_W - 1) / GV_W;
+    const int w0 = c0 + warp * per_warp;
+    const int nchunks = max(0, min(c1, w0 + per_warp) - w0);
+    const unsigned gr = (unsigned)group_rows;
+
+    u32 wq[GV_DEPTH][2][4 * GV_C];  // word rows 2t, 2t + 1 of the chunk: words j = 4v + e
+    u32 zq[GV_DEPTH][GV_C];         // zeros of columns 32v + 4g … + 3 (a byte each)
+    V2 sq[GV_DEPTH][GV_C];          // their scales (float16)
+#define MW_FETCH(dd, sl)                                                                              \
+    if ((dd) < nchunks) {                                                                             \
+        const unsigned row = (unsigned)((w0 + (dd)) * 8);                                             \
+        const unsigned grp = (row / gr) * (unsigned)N;                                               \
+        _Pragma("unroll") for (int v = 0; v < GV_C; ++v) {                                            \
+            const int col = n0 + 32 * v + 4 * g;                                                      \
+            if (col < N) {                                                                            \
+                const u32* p = qw + (size_t)(row + 2 * t) * N + col;                                  \
+                asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"            \
+                             : "=r"(wq[sl][0][4 * v]), "=r"(wq[sl][0][4 * v + 1]), "=r"(wq[sl][0][4 * v + 2]), \
+                               "=r"(wq[sl][0][4 * v + 3]) : "l"(p));                                  \
+                asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"            \
+                             : "=r"(wq[sl][1][4 * v]), "=r"(wq[sl][1][4 * v + 1]), "=r"(wq[sl][1][4 * v + 2]), \
+                               "=r"(wq[sl][1][4 * v + 3]) : "l"(p + N));                              \
+                zq[sl][v] = *reinterpret_cast<const u32*>(zeros + grp + col);                         \
+                sq[sl][v] = *reinterpret_cast<const V2*>(scales + grp + col);                         \
+            }                                                                                         \
+        }                                                                                             \
+    }
+#pragma unroll
+    for (int d = 0; d < GV_DEPTH - 1; ++d) MW_FETCH(d, d)
+#if GV_PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    // x of the block's chunks into shared memory in pair order, and each (row, chunk)'s Σx: the 8 threads of a
+    // chunk's 8 V4s add up by shuffles (the trip count is the block's, so every lane takes part)
+    const int per_row = nch * 8;  // V4s a row
+    const int stride = per_row + 1;
+    const int total = GV_ROWS * per_row;
+    float* xsum = reinterpret_cast<float*>(smem4 + GV_ROWS * stride);  // [row][chunk of the block]
+    for (int i0 = 0; i0 < total; i0 += GV_TPB) {
+        const int i = i0 + (int)threadIdx.x;
+        float sum = 0.f;
+        if (i < total) {
+            const int m = i / per_row, j = i % per_row;
+            const V4 v = reinterpret_cast<const V4*>(x + (size_t)m * ldx + (size_t)c0 * 64)[j];
+            smem4[m * stride + j] = V4{prmt(v.a, v.c, 0x5410), prmt(v.a, v.c, 0x7632), prmt(v.b, v.d, 0x5410),
+                                       prmt(v.b, v.d, 0x7632)};
+            sum = ((lo_f32(v.a) + hi_f32(v.a)) + (lo_f32(v.b) + hi_f32(v.b))) +
+                  ((lo_f32(v.c) + hi_f32(v.c)) + (lo_f32(v.d) + hi_f32(v.d)));
+        }
+        sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 1);
+        sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 2);
+        sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 4);
+        if (i < total && (i & 7) == 0) xsum[i >> 3] = sum;
+    }
+    __syncthreads();
+
+    float acc[MW_T][MW_NB][4], tot[MW_T][MW_NB][4];  // this group's raw sums, and the totals
+    float xs[MW_NB][2];                               // Σx of rows 8nb + 2t, 2t + 1 over the chunks in acc
+#pragma unroll
+    for (int i = 0; i < MW_T; ++i)
+#pragma unroll
+        for (int nb = 0; nb < MW_NB; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][nb][e] = tot[i][nb][e] = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < MW_NB; ++nb) xs[nb][0] = xs[nb][1] = 0.f;
+
+    for (int base = 0; base < nchunks; base += GV_DEPTH) {
+#pragma unroll
+        for (int d = 0; d < GV_DEPTH; ++d) {
+            const int ch = base + d;
+            if (ch < nchunks) {
+                MW_FETCH(ch + GV_DEPTH - 1, (d + GV_DEPTH - 1) % GV_DEPTH)
+                const int cl = w0 - c0 + ch;  // the chunk within the block's
+                u32 xb[MW_NB][2][4];  // B: x's pairs of word rows 2t, 2t + 1 for row 8nb + g (zeros past ROWS)
+#pragma unroll
+                for (int nb = 0; nb < MW_NB; ++nb) {
+                    const int m = 8 * nb + g;
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        V4 v{0u, 0u, 0u, 0u};
+                        if (m < GV_ROWS) v = smem4[m * stride + cl * 8 + 2 * t + r];
+                        xb[nb][r][0] = v.a;
+                        xb[nb][r][1] = v.b;
+                        xb[nb][r][2] = v.c;
+                        xb[nb][r][3] = v.d;
+                    }
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        if (8 * nb + 2 * t + h < GV_ROWS) xs[nb][h] += xsum[(8 * nb + 2 * t + h) * nch + cl];
+                }
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    const int r = s >> 1, p = 2 * (s & 1);
+#pragma unroll
+                    for (int i = 0; i < MW_T; ++i) {
+                        const u32 wa = wq[d][r][2 * i], wb = wq[d][r][2 * i + 1];
+                        const u32 a0 = lop3_or_and(p ? wa >> (4 * p) : wa, 0x000F000Fu, MAGIC2);
+                        const u32 a2 = lop3_or_and(wa >> (4 * p + 4), 0x000F000Fu, MAGIC2);
+                        const u32 a1 = lop3_or_and(p ? wb >> (4 * p) : wb, 0x000F000Fu, MAGIC2);
+                        const u32 a3 = lop3_or_and(wb >> (4 * p + 4), 0x000F000Fu, MAGIC2);
+#pragma unroll
+                        for (int nb = 0; nb < MW_NB; ++nb) mma16816(acc[i][nb], a0, a1, a2, a3, xb[nb][r][p], xb[nb][r][p + 1]);
+                    }
+                }
+                // the group's last chunk (or the warp's): the zero off, times the scales, into the totals
+                const unsigned row = (unsigned)((w0 + ch) * 8);
+                if (ch == nchunks - 1 || (row + 8) / gr != row / gr) {
+#pragma unroll
+                    for (int j = 0; j < 4 * GV_C; ++j) {
+                        const int v = j >> 2, e = j & 3, i = j >> 1, half = j & 1;
+                        const float zf = MW_MAGIC_F + (float)((zq[d][v] >> (8 * e)) & 0xFFu);
+                        const u32 sw = (e < 2 ? sq[d][v].x : sq[d][v].y) >> (16 * (e & 1));
+                        const float sc = half2f((u16)(sw & 0xFFFFu));
+#pragma unroll
+                        for (int nb = 0; nb < MW_NB; ++nb)
+#pragma unroll
+                            for (int h = 0; h < 2; ++h) {
+                                float& a = acc[i][nb][2 * half + h];
+                                tot[i][nb][2 * half + h] = fmaf(sc, fmaf(-zf, xs[nb][h], a), tot[i][nb][2 * half + h]);
+                                a = 0.f;
+                            }
+                    }
+#pragma unroll
+                    for (int nb = 0; nb < MW_NB; ++nb) xs[nb][0] = xs[nb][1] = 0.f;
+                }
+            }
+        }
+    }
+#undef MW_FETCH
+
+    // c: (row g: word 2i, row g + 8: word 2i + 1) × (x's rows 8nb + 2t, 2t + 1)
+#pragma unroll
+    for (int i = 0; i < MW_T; ++i)
+#pragma unroll
+        for (int nb = 0; nb < MW_NB; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = 2 * i + (e >> 1), m = 8 * nb + 2 * t + (e & 1);
+                if (m < GV_ROWS) red[warp][m][32 * (j >> 2) + 4 * g + (j & 3)] = tot[i][nb][e];
+            }
+    __syncthreads();
+
+    block_out(red, n0, bias, y, ldy, ws, cnt, N);
+}
+#endif  // GV_MMA == 2
+
 #endif  // GV_MMA

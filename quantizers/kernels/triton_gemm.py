@@ -115,7 +115,8 @@ MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 bits of 2**23: (MAGIC 
 HIGH = 12  # codes above bit 23 are read from word >> HIGH: at bits 8..20 there (a kernel constexpr)
 GEMV_MAX_M = 1  # rows of x up to which the GEMV kernel runs (one program per row); the tl.dot kernel above
 PATHS = {"gemv": "triton-gemv-splitk", "gemv-pairs": "triton-gemv-bf16x2-splitk", "dot": "triton-dot",
-         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv", "mma": "cuda-mma"}
+         "dot-magic": "triton-dot-dq16", "cuda": "cuda-gemv", "mma": "cuda-mma",
+         "mma-sw": "cuda-mma-sw"}
 RUN_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}  # the names ptx.run_asm takes
 # bits of 2**7 (bfloat16) and 2**10 (float16), whose ulp is 1: MAGIC16 | code = 2**e + code
 MAGIC16 = {dtype: ptx.RUN_FLOATS[name][0] for dtype, name in RUN_DTYPE_NAMES.items()}
@@ -778,7 +779,9 @@ class Config:
     to give every SM ``warps_per_sm`` warps); under act-order the kernel reads ``x[perm[k]]`` as it stages
     ``x`` unless ``gather``. mma (the CUDA GEMV's tensor-core variant): ``num_warps``, ``num_stages``,
     ``split``/``warps_per_sm`` as cuda's; ``prefetch`` loads a lane's ``x`` of a chunk one chunk ahead, 32
-    bytes a row in two loads, instead of 8 bytes a row as each step needs it."""
+    bytes a row in two loads, instead of 8 bytes a row as each step needs it; ``swap`` (``+sw``) makes the
+    weights mma's A operand (``bn`` 32 or 64 columns a block; ``x`` staged in shared memory, the zero taken off
+    once per group) instead of its B."""
 
     kernel: str = "gemv"
     bn: int = 128
@@ -804,6 +807,8 @@ class Config:
             gather = "+g" if self.gather else ""
             return f"cuda n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{gather}"
         if self.kernel == "mma":
+            if self.swap:  # the weights as mma's A operand
+                return f"mma n{self.bn} k64 {split} x{self.num_warps}/{self.num_stages}+sw"
             return f"mma n32 k64 {split} x{self.num_warps}/{self.num_stages}" + ("+pf" if self.prefetch else "")
         swap = "+sw" if self.swap else ""
         return f"{self.kernel} m{self.bm} n{self.bn} k{self.bk} {split} x{self.num_warps}/{self.num_stages}{swap}"
@@ -848,6 +853,14 @@ MMA_CONFIGS = [Config("mma", num_warps=8, num_stages=2, warps_per_sm=16),
                Config("mma", num_warps=8, num_stages=2, warps_per_sm=24, prefetch=True),
                Config("mma", num_warps=4, num_stages=2, warps_per_sm=32, prefetch=True),
                Config("mma", num_warps=16, num_stages=2, warps_per_sm=16, prefetch=True)]
+
+
+# The tensor-core variant with the weights as mma's A operand (+sw), for 2 to 8 rows: the fastest three of ten
+# shapes on an H200 (sweeps/measurements/LOG.md): 4096×4096, 4 rows, 6.63 µs against 8.0 for the variant above;
+# 11008×4096, 8 rows, 14.2 against 16.3. At one row and at 4096×11008 it is slower than the kernels above.
+MMA_SWAP_CONFIGS = [Config("mma", bn=64, num_warps=4, num_stages=2, warps_per_sm=16, swap=True),
+                    Config("mma", bn=32, num_warps=4, num_stages=2, warps_per_sm=24, swap=True),
+                    Config("mma", bn=64, num_warps=16, num_stages=2, split=1, swap=True)]
 
 
 def default_config(M: int, bits: int, act_order: bool = False) -> Config:
@@ -927,6 +940,8 @@ def candidates(M: int, bits: int, act_order: bool = False) -> list[Config]:
             out.append(replace(CUDA_ROWS_CONFIGS[0], gather=True))
     if bits == 4 and M <= cuda.MMA_ROWS:  # the tensor-core CUDA variant (where it can run: tuning skips it elsewhere)
         out += MMA_CONFIGS
+        if M <= 8:  # the weights as its A operand: x's rows one n8 tile
+            out += MMA_SWAP_CONFIGS
     return list(dict.fromkeys(out))
 
 
@@ -1153,7 +1168,8 @@ def _plan(rt: Runtime, M: int, dtype: torch.dtype, device: torch.device, has_bia
             launch = cuda.prepare(rt, M, dtype, device, has_bias, config, pdl, perm=not gather_x)
         except ValueError as exc:  # what it does not take, or a device it cannot run on
             raise ValueError(f"config {config.name()!r}: {exc}") from None
-        return _Plan(launch.workspace, PATHS[config.kernel], gather_x, pdl, cuda_launch=launch,
+        kind = "mma-sw" if config.kernel == "mma" and config.swap else config.kernel
+        return _Plan(launch.workspace, PATHS[kind], gather_x, pdl, cuda_launch=launch,
                      scratch=(rt.scratch, None, rt.scratch))
     cfg, grouping = fit_config(config or default_config(M, rt.bits, rt.perm is not None), rt)
     K, N = rt.K, rt.N
