@@ -227,15 +227,11 @@ def _mma_16816(a_regs, b_regs, c):
     return out
 
 
-@pytest.mark.parametrize("rows", [16, 5])
-def test_tensor_core_variant_maps_gptq_words_onto_mma_fragments(rows):
-    """The tensor-core variant's indexing emulated for one warp over a 32-column tile (two chunks of 64 codes,
-    groups of 64): which words, x values, zeros and scales each lane takes, fed to mma.m16n8k16 as the PTX
-    ISA lays out its fragments, must give x · W exactly (small integers, power-of-two scales)."""
+def _gptq_problem(rng, K: int, N: int, gs: int, rows: int):
+    """Random 4-bit codes, zeros, power-of-two scales and small-integer x (every product exact in float32):
+    (codes, zeros, scales, x, GPTQ words (K / 8, N), the dequantized W (K, N))."""
     import numpy as np
 
-    rng = np.random.default_rng(rows)
-    K, N, gs = 128, 32, 64
     q = rng.integers(0, 16, (K, N))
     z = rng.integers(0, 16, (K // gs, N))
     s = 2.0 ** rng.integers(-2, 3, (K // gs, N))
@@ -244,6 +240,18 @@ def test_tensor_core_variant_maps_gptq_words_onto_mma_fragments(rows):
     for i in range(8):
         qw |= q[i::8] << (4 * i)  # GPTQ: word row r holds codes 8r … 8r + 7, code i at bit 4i
     W = s[np.arange(K) // gs] * (q - z[np.arange(K) // gs])
+    return q, z, s, x, qw, W
+
+
+@pytest.mark.parametrize("rows", [16, 5])
+def test_tensor_core_variant_maps_gptq_words_onto_mma_fragments(rows):
+    """The tensor-core variant's indexing emulated for one warp over a 32-column tile (two chunks of 64 codes,
+    groups of 64): which words, x values, zeros and scales each lane takes, fed to mma.m16n8k16 as the PTX
+    ISA lays out its fragments, must give x · W exactly (small integers, power-of-two scales)."""
+    import numpy as np
+
+    K, N, gs = 128, 32, 64
+    q, z, s, x, qw, W = _gptq_problem(np.random.default_rng(rows), K, N, gs, rows)
 
     xr = lambda r, k: x[r, k] if r < rows else 0.0  # noqa: E731 - rows past M read as zeros
     tot = [[[0.0] * 4 for _ in range(4)] for _ in range(32)]
@@ -293,16 +301,8 @@ def test_swapped_tensor_core_variant_maps_gptq_words_onto_mma_fragments(rows, c,
     exactly (small integers, power-of-two scales), every (row, column) written once."""
     import numpy as np
 
-    rng = np.random.default_rng(rows * 10 + c)
     K, N = 256, 32 * c
-    q = rng.integers(0, 16, (K, N))
-    z = rng.integers(0, 16, (K // gs, N))
-    s = 2.0 ** rng.integers(-2, 3, (K // gs, N))
-    x = rng.integers(-3, 4, (rows, K)).astype(float)
-    qw = np.zeros((K // 8, N), dtype=np.int64)
-    for i in range(8):
-        qw |= q[i::8] << (4 * i)  # GPTQ: word row r holds codes 8r … 8r + 7, code i at bit 4i
-    W = s[np.arange(K) // gs] * (q - z[np.arange(K) // gs])
+    q, z, s, x, qw, W = _gptq_problem(np.random.default_rng(rows * 10 + c), K, N, gs, rows)
     # x staged as the GEMV stages it: V4 j of a row holds pairs (x_8j+i, x_8j+i+4), i = 0 … 3; Σx per chunk
     pairs = [[[(x[m, 8 * j + i], x[m, 8 * j + i + 4]) for i in range(4)] for j in range(K // 8)] for m in range(rows)]
     xsum = [[x[m, 64 * ch:64 * ch + 64].sum() for ch in range(K // 64)] for m in range(rows)]
