@@ -200,6 +200,24 @@ struct alignas(8) V2 {
     u32 x, y;
 };
 
+// 8 values of x (16 bytes) as the pairs (x_j, x_j+4), j = 0 … 3: the order of the code pairs at 3 and 4 bits
+static __device__ __forceinline__ V4 pair_order(const V4& v) {
+    return V4{prmt(v.a, v.c, 0x5410), prmt(v.a, v.c, 0x7632), prmt(v.b, v.d, 0x5410), prmt(v.b, v.d, 0x7632)};
+}
+
+// The steps of K a warp takes: its block's split [first, end) of `steps` (blockIdx.y's), cut into GV_W contiguous
+// ranges; the warp's starts at w0 and holds n steps (0 for a warp past the end)
+struct Range {
+    int first, end, w0, n;
+};
+static __device__ __forceinline__ Range warp_range(int steps, int per_split, int warp) {
+    const int first = blockIdx.y * per_split;
+    const int end = min(steps, first + per_split);
+    const int per_warp = (end - first + GV_W - 1) / GV_W;
+    const int w0 = first + warp * per_warp;
+    return Range{first, end, w0, max(0, min(end, w0 + per_warp) - w0)};
+}
+
 // The end of a block: its warps' sums red[w][m][j] (COLS columns from tile_n) added up, then y (+ bias) written.
 // With SPLIT the sums go into the float32 workspace instead, and the column tile's last block (counted) writes
 // y, re-zeroing what it read.
@@ -259,12 +277,8 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const int n0 = (blockIdx.x * 32 + lane) * GV_C;  // this thread's first column
     const bool n_ok = n0 < N;
     const int nc = n_ok ? n0 : 0;
-    const int steps = (K / GV_CODES) / GV_U;  // steps of GV_U blocks
-    const int s0 = blockIdx.y * steps_per_split;
-    const int s1 = min(steps, s0 + steps_per_split);
-    const int per_warp = (s1 - s0 + GV_W - 1) / GV_W;
-    const int w0 = s0 + warp * per_warp;
-    const int nsteps = max(0, min(s1, w0 + per_warp) - w0);
+    const Range rg = warp_range((K / GV_CODES) / GV_U, steps_per_split, warp);  // steps of GV_U blocks
+    const int s0 = rg.first, s1 = rg.end, w0 = rg.w0, nsteps = rg.n;
     const int xrows = (s1 - s0) * GV_U * GV_XW;  // pairs of x per row in shared memory
 
     // the words, zeros and scales of step d (of this warp), into ring slot `slot`
@@ -336,7 +350,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #else
         const V4 v = reinterpret_cast<const V4*>(x + (size_t)m * ldx + (size_t)s0 * GV_U * GV_CODES)[j];
 #if GV_BITS != 2  // pairs (x_j, x_j+4) of each run of 8, as the codes j, j + 4 are paired (16 or 12 bits apart)
-        smem4[i] = V4{prmt(v.a, v.c, 0x5410), prmt(v.a, v.c, 0x7632), prmt(v.b, v.d, 0x5410), prmt(v.b, v.d, 0x7632)};
+        smem4[i] = pair_order(v);
 #else  // pairs (x_2i, x_2i+1) as they are
         smem4[i] = v;
 #endif
@@ -511,12 +525,8 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     const int n0 = blockIdx.x * 32;
     const bool n_ok = n0 + 4 * g < N;  // N is a multiple of 4 (checked by the caller)
     const int nc = n_ok ? n0 + 4 * g : 0;
-    const int chunks = K / 64;
-    const int c0 = blockIdx.y * steps_per_split;
-    const int c1 = min(chunks, c0 + steps_per_split);
-    const int per_warp = (c1 - c0 + GV_W - 1) / GV_W;
-    const int w0 = c0 + warp * per_warp;
-    const int nchunks = max(0, min(c1, w0 + per_warp) - w0);
+    const Range rg = warp_range(K / 64, steps_per_split, warp);  // chunks of 64 codes
+    const int w0 = rg.w0, nchunks = rg.n;
     const unsigned gr = (unsigned)group_rows;
 
     V4 wa[GV_DEPTH], wb[GV_DEPTH];  // word rows 2t, 2t + 1 of the 4 columns, per chunk in flight
@@ -708,13 +718,8 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
     __shared__ float red[GV_W][GV_ROWS][MW_COLS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * MW_COLS;
-    const int chunks = K / 64;
-    const int c0 = blockIdx.y * steps_per_split;
-    const int c1 = min(chunks, c0 + steps_per_split);
-    const int nch = c1 - c0;
-    const int per_warp = (nch + GV_W - 1) / GV_W;
-    const int w0 = c0 + warp * per_warp;
-    const int nchunks = max(0, min(c1, w0 + per_warp) - w0);
+    const Range rg = warp_range(K / 64, steps_per_split, warp);  // chunks of 64 codes
+    const int c0 = rg.first, nch = rg.end - rg.first, w0 = rg.w0, nchunks = rg.n;
     const unsigned gr = (unsigned)group_rows;
 
     u32 wq[GV_DEPTH][2][4 * GV_C];  // word rows 2t, 2t + 1 of the chunk: words j = 4v + e
@@ -757,8 +762,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
         if (i < total) {
             const int m = i / per_row, j = i % per_row;
             const V4 v = reinterpret_cast<const V4*>(x + (size_t)m * ldx + (size_t)c0 * 64)[j];
-            smem4[m * stride + j] = V4{prmt(v.a, v.c, 0x5410), prmt(v.a, v.c, 0x7632), prmt(v.b, v.d, 0x5410),
-                                       prmt(v.b, v.d, 0x7632)};
+            smem4[m * stride + j] = pair_order(v);
             sum = ((lo_f32(v.a) + hi_f32(v.a)) + (lo_f32(v.b) + hi_f32(v.b))) +
                   ((lo_f32(v.c) + hi_f32(v.c)) + (lo_f32(v.d) + hi_f32(v.d)));
         }
