@@ -196,7 +196,11 @@ def test_launch_parameters_follow_the_kernels_signature():
     """The C values a launch passes (``Params.KINDS``: p an address, i an int) against ``gemv``'s parameter
     list in gemv.cu, one by one: a slot off would hand the kernel a pointer as an int or the reverse."""
     src = cuda.SOURCE.read_text()
-    params = re.search(r'extern "C" __global__ void __launch_bounds__\(\w+\) gemv\((.*?)\)\s*\{', src, re.S).group(1)
+    # the one signature (GV_KERNEL) of the kernels, each of which opens with it
+    body = re.search(r'#define GV_KERNEL\s*\\\s*extern "C" __global__ void __launch_bounds__\(\w+\) gemv\((.*?)\)\n',
+                     src, re.S)
+    params = body.group(1).replace("\\", " ")
+    assert src.count("GV_KERNEL {") == 3 and 'extern "C"' not in src.replace(body.group(0), "")
     kinds = "".join("p" if "*" in p else "i" if re.match(r"\s*int\s", p) else "?" for p in params.split(","))
     assert kinds == cuda.Params.KINDS, (kinds, cuda.Params.KINDS)
     p = cuda.Params()

@@ -264,12 +264,16 @@ static __device__ __forceinline__ void block_out(const float (&red)[GV_W][ROWS][
 #endif
 }
 
+// The one signature of the three kernels below (one is compiled per variant); cuda.Params.KINDS follows it
+#define GV_KERNEL                                                                                                \
+    extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(                                                   \
+        const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,          \
+        const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,      \
+        float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split,         \
+        const int* __restrict__ perm)
+
 #if !GV_MMA
-extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
-    const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
-    const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
-    float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split,
-    const int* __restrict__ perm) {
+GV_KERNEL {
     // dynamic shared memory: the block's x, ROWS × (its word rows × XW) pairs (with PERM then all of x)
     extern __shared__ V4 smem4[];
     __shared__ float red[GV_W][GV_ROWS][32 * GV_C];
@@ -515,11 +519,7 @@ static __device__ __forceinline__ void ld_x16(const u16* p, V4& v) {  // 8 x val
 
 #if GV_MMA == 1
 
-extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
-    const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
-    const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
-    float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split,
-    const int* __restrict__ perm) {
+GV_KERNEL {
     __shared__ float red[GV_W][MM_ROWS][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 32;
@@ -707,11 +707,7 @@ extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
 #define MW_MAGIC_F 128.0f
 #endif
 
-extern "C" __global__ void __launch_bounds__(GV_TPB) gemv(
-    const u32* __restrict__ qw, const u16* __restrict__ x, int ldx, const u16* __restrict__ scales,
-    const unsigned char* __restrict__ zeros, const u16* __restrict__ bias, u16* __restrict__ y, int ldy,
-    float* __restrict__ ws, int* __restrict__ cnt, int K, int N, int group_rows, int steps_per_split,
-    const int* __restrict__ perm) {
+GV_KERNEL {
     // dynamic shared memory: the block's x (ROWS × (its chunks × 8 + 1) V4s of pairs: a row's start one V4 on from
     // the last's, so that the lanes reading 8 rows at once hit different banks), then Σx of each (row, chunk)
     extern __shared__ V4 smem4[];
