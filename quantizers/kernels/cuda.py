@@ -329,6 +329,12 @@ def mma_supports(rt, M: int, dtype: torch.dtype, cfg) -> str | None:
 X_SMEM = 96 * 1024  # bytes of x a block keeps in shared memory at most (more rows or K: more K splits)
 
 
+def swap_x_bytes(M: int, chunks: int) -> int:
+    """Dynamic shared memory of the ``+sw`` tensor-core variant over ``chunks`` chunks of K: ``x`` (each row
+    16 bytes longer, which spreads the lanes' reads over the banks) and ``Σx`` of each (row, chunk)."""
+    return M * (chunks * (MMA_CHUNK * 2 + 4) + 16)
+
+
 def split_k(rt, cfg, M: int, tiles: int, sms: int, perm: bool = False) -> tuple[int, int]:
     """(blocks along K, steps each) of a launch config over ``tiles`` column tiles on ``sms`` SMs:
     ``cfg.split`` splits (0: enough blocks to give every SM ``cfg.warps_per_sm`` warps), at least as
@@ -338,7 +344,7 @@ def split_k(rt, cfg, M: int, tiles: int, sms: int, perm: bool = False) -> tuple[
     split = cfg.split or max(1, -(-max(1, cfg.warps_per_sm // w) * sms // tiles))
     if cfg.kernel != "mma" or cfg.swap:  # (the tensor-core variant without +sw reads x from global memory)
         room = X_SMEM - (M * rt.K * 2 if perm else 0)  # act-order: all of x is there too
-        xbytes = M * rt.K * 2 + (M * (steps * 4 + 16) if cfg.kernel == "mma" else 0)  # +sw: and Σx of each chunk
+        xbytes = swap_x_bytes(M, steps) if cfg.kernel == "mma" else M * rt.K * 2
         split = max(split, -(-xbytes // room))  # the block's x fits in shared memory
     split = max(1, min(split, steps))
     per = -(-steps // split)
@@ -377,8 +383,8 @@ def prepare(rt, M: int, dtype: torch.dtype, device: torch.device, has_bias: bool
     split, per = split_k(rt, cfg, M, tiles, gpu(device).sms, perm)
     k = kernel(defines(rt.bits, cfg, M, dtype, split > 1, has_bias, pdl, perm), device)
     codes, words = BLOCK[rt.bits]
-    if cfg.kernel == "mma":  # +sw: the block's x (a row 16 bytes more: banks), and Σx of each (row, chunk)
-        smem = M * (per * (MMA_CHUNK * 2 + 4) + 16) if cfg.swap else 0
+    if cfg.kernel == "mma":  # +sw: the block's x and Σx
+        smem = swap_x_bytes(M, per) if cfg.swap else 0
     else:
         smem = M * per * shape(cfg, rt.bits)[2] * codes * 2 + (M * rt.K * 2 if perm else 0)
     k.allow_smem(smem)
