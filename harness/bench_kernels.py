@@ -12,9 +12,13 @@ Timing: GPU time of a CUDA graph that replays the product over enough weight cop
 twice the L2 cache (a decode step reads each layer's weight once, from HBM), median of 10 replays after a
 warm-up, divided by the products in the graph; CUDA events. ``eager`` columns time the same products
 launched from Python (CPU launch cost included). ``rel err``: the Triton output against the float32
-product with the dequantized weight. ``--tune`` (instead of the table) times every candidate config (M = 1, 16, 64,
-or ``--rows``) on 4096×11008 (3 and 4 bits, or ``--bits``) and prints them, to refine ``candidates`` /
-``default_config``.
+product with the dequantized weight. ``read µs``: a kernel that only reads the same bytes (``stream.cu``,
+the fastest of 54 launch shapes, timed the same way), for reference: ``× read`` is the kernel's time over
+it, ``bf16 / read`` the speed-up over bf16 that reading alone shows, ``read shape`` the launch that was
+fastest. A reference rather than a proven bound. A note per shape gives the same for the bf16 weight's
+bytes next to ``torch.matmul``. ``--tune`` (instead of the table) times every candidate
+config (M = 1, 16, 64, or ``--rows``) on 4096×11008 (3 and 4 bits, or ``--bits``) and prints them, to
+refine ``candidates`` / ``default_config``.
 ``--smoke``: tiny shapes on the CPU (the kernels run only where Triton's interpreter is on:
 ``TRITON_INTERPRET=1``), seconds long, wall-clock medians.
 """
@@ -165,11 +169,17 @@ def kernel_rows(device: torch.device, smoke: bool, timer: Timer, tg: Any | None,
         for M, x in xs.items():
             fns = [lambda w=w, x=x: torch.matmul(x, w.t()) for w in dense]
             bf16[M] = (timer.graph_us(fns), timer.eager_us(fns))
+        dense_read = read_only(2 * K * N, device, timer)
+        if dense_read:
+            M0 = spec["rows"][0]
+            notes.append(f"{K}×{N}: reading the bf16 weight's {2 * K * N / 1e6:.1f} MB alone takes "
+                         f"{dense_read[0]:.3g} µs ({dense_read[1]}); torch.matmul at M = {M0}: {bf16[M0][0]:.3g} µs")
         for bits in spec["bits"]:
             for act in (False, True):
                 base = random_linear(bits, K, N, spec["group"], act, device, dtype, seed=K + N + bits)
                 lins = [base] + [copy.deepcopy(base) for _ in range(copies_for(base.weight_bytes(), device) - 1)]
                 int4 = int4mm_copies(lins, xs[spec["rows"][0]], notes) if bits == 4 and not act else None
+                read = read_only(runtime_bytes(tg.runtime_of(base)), device, timer) if tg is not None else None
                 for M, x in xs.items():
                     row: dict[str, Any] = {"K×N": f"{K}×{N}", "M": M, "bits": bits, "act-order": act,
                                            "bf16 µs": bf16[M][0], "bf16 GB/s": 2 * K * N / bf16[M][0] / 1e3}
@@ -180,6 +190,10 @@ def kernel_rows(device: torch.device, smoke: bool, timer: Timer, tg: Any | None,
                         m.reset_cache()  # the torch path's float weights: not kept while the kernels run
                     if tg is not None and tg.runs_on(device):
                         row.update(triton_columns(tg, lins, x, timer, *bf16[M]))
+                    if read:  # a kernel that only reads the same bytes, for reference
+                        row.update({"read µs": read[0], "bf16 / read": bf16[M][0] / read[0], "read shape": read[1]})
+                        if "triton µs" in row:
+                            row["× read"] = row["triton µs"] / read[0]
                     if int4:
                         row["int4mm µs"] = timer.graph_us([lambda f=f, x=x: f(x) for f in int4])
                         if "triton µs" in row:
@@ -194,6 +208,33 @@ def kernel_rows(device: torch.device, smoke: bool, timer: Timer, tg: Any | None,
     order = {shape: i for i, shape in enumerate(f"{K}×{N}" for K, N in spec["shapes"])}
     rows.sort(key=lambda r: (order[r["K×N"]], r["M"], r["bits"], r["act-order"]))
     return rows, notes
+
+
+def runtime_bytes(rt: Any) -> int:
+    """Bytes a product reads of a runtime layout's weight: packed words, scales, zeros (and act-order's perm)."""
+    return sum(t.numel() * t.element_size() for t in (rt.qweight, rt.scales, rt.zeros, rt.perm) if t is not None)
+
+
+def read_only(nbytes: int, device: torch.device, timer: Timer) -> tuple[float, str] | None:
+    """µs a kernel that only reads ``nbytes`` (rounded up to 16) takes, timed as the kernels are (copies past
+    twice the L2, CUDA-graph replays): the fastest launch of :data:`cuda.READ_SHAPES` of ``stream.cu``, and its
+    name. A reference rather than a proven bound (another access pattern might read faster). None off CUDA (or
+    without NVRTC)."""
+    from quantizers.kernels import cuda
+
+    if device.type != "cuda" or not cuda.available(device):
+        return None
+    n = -(-nbytes // 16) * 16
+    bufs = [torch.randint(-2**31, 2**31, (n // 4,), dtype=torch.int32, device=device)
+            for _ in range(copies_for(n, device))]
+    out = torch.zeros(cuda.READ_SLOTS, dtype=torch.int32, device=device)
+    best: tuple[float, str] | None = None
+    for shape in cuda.READ_SHAPES:
+        us = timer.graph_us([lambda b=b, s=shape: cuda.read_xor(b, out, s) for b in bufs])
+        if best is None or us < best[0]:
+            best = (us, shape.name())
+    del bufs
+    return best
 
 
 def int4mm_copies(lins: list[QuantLinear], x: torch.Tensor, notes: list[str]) -> list | None:
@@ -227,7 +268,7 @@ def triton_columns(tg: Any, lins: list[QuantLinear], x: torch.Tensor, timer: Tim
     cfg = tg.tuned_config(x, rts[0])  # what QuantLinear runs: tuned on first use (the default where tuning is off)
     out: dict[str, Any] = {}
     us = timer.graph_us([lambda rt=rt: tg.matmul(x, rt, None, cfg) for rt in rts])
-    nbytes = sum(t.numel() * t.element_size() for t in (rts[0].qweight, rts[0].scales, rts[0].zeros))
+    nbytes = runtime_bytes(rts[0])
     out.update({"triton µs": us, "× bf16": bf16 / us, "triton GB/s": nbytes / us / 1e3,
                 "config": tg.fit_config(cfg, rts[0])[0].name()})
     if x.device.type == "cuda":

@@ -446,3 +446,76 @@ def test_every_tuning_candidate_of_the_cuda_kernels_takes_the_llama_shapes():
         for cfg in MMA_CONFIGS:
             for M in (2, 9, 16):
                 assert cuda.supports(_Rt(K=K, N=N), M, torch.bfloat16, cfg) is None, (cfg.name(), K, N, M)
+
+
+# --------------------------------------------------------------------- the read reference (stream.cu)
+
+
+READ_VARIANTS = [cuda.READ_SHAPES[0], cuda.ReadShape(8, 256, 8, 1), cuda.ReadShape(2, 1024, 4, 2, True),
+                 cuda.ReadShape(4, 512, 2, 0, True), cuda.ReadShape(1, 1024, 8, 1, True),
+                 cuda.ReadShape(0, 128, 1, 0), cuda.ReadShape(0, 256, 8, 1), cuda.ReadShape(0, 512, 4, 0, True)]
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc")
+@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("shape", READ_VARIANTS, ids=lambda s: s.name().replace(" ", "-"))
+def test_read_kernel_compiles_without_spills(arch, shape, tmp_path):
+    pdl = shape.pdl if arch == "90" else 0  # griddepcontrol is sm_90+; the launcher asks for it there only
+    proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "r.cubin"),
+                           f"-DRS_TPB={shape.threads}", f"-DRS_UNROLL={shape.unroll}", f"-DRS_PDL={pdl}",
+                           f"-DRS_CHUNK={int(shape.chunk)}", f"-DRS_SLOTS={cuda.READ_SLOTS}",
+                           "-Xptxas", "-v", str(cuda.READ_SOURCE)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    assert regs and "0 bytes spill stores" in report and "0 bytes stack frame" in report, report
+    assert int(regs.group(1)) * shape.threads <= 65536, report
+
+
+def test_read_shapes_are_distinct_launches_that_fit_a_block():
+    names = [s.name() for s in cuda.READ_SHAPES]
+    assert len(set(names)) == len(names) == 54
+    assert all(s.threads <= 1024 and s.threads % 32 == 0 and s.blocks * s.threads <= 2048 for s in cuda.READ_SHAPES)
+
+
+@pytest.mark.parametrize("threads,unroll,n16,blocks", [(128, 1, 1000, 8), (256, 8, 2048, 1), (256, 8, 2049, 2),
+                                                       (1024, 4, 1, 1)])
+def test_one_round_grid_gives_every_word_one_load(threads, unroll, n16, blocks):
+    shape = cuda.ReadShape(0, threads, unroll)
+    assert shape.grid(n16, 132) == blocks and blocks * threads * unroll >= n16 > (blocks - 1) * threads * unroll
+    assert cuda.ReadShape(2, 1024, 4).grid(n16, 132) == 264  # persistent: blocks a multiprocessor
+
+
+def test_read_xor_names_what_it_cannot_read():
+    out = torch.zeros(cuda.READ_SLOTS, dtype=torch.int32)
+    with pytest.raises(ValueError, match="reads a CUDA tensor"):
+        cuda.read_xor(torch.zeros(64, dtype=torch.int32), out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", READ_VARIANTS, ids=lambda s: s.name().replace(" ", "-"))
+def test_read_xor_reads_every_word_once(shape):
+    import numpy as np
+
+    n = 4 * (132 * 1024 * 3 + 77)  # 32-bit words: no multiple of a grid's round
+    gen = torch.Generator().manual_seed(n)
+    host = torch.randint(-2**31, 2**31, (n,), dtype=torch.int64, generator=gen).to(torch.int32)
+    want = int(np.bitwise_xor.reduce(host.numpy()))
+    buf, out = host.cuda(), torch.zeros(cuda.READ_SLOTS, dtype=torch.int32, device="cuda")
+
+    def result() -> int:
+        return int(np.bitwise_xor.reduce(out.cpu().numpy()))
+
+    cuda.read_xor(buf, out, shape)
+    assert result() == want
+    buf[-1] ^= 1 << 30  # the last word (the remainder's loop) and the first count
+    buf[0] ^= 1
+    out.zero_()
+    cuda.read_xor(buf, out, shape)
+    assert result() == want ^ (1 << 30) ^ 1
+    cuda.read_xor(buf, out, shape)  # folded into out: the same words again cancel
+    assert result() == 0
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        cuda.read_xor(buf[1:5], out, shape)
+    with pytest.raises(ValueError, match="4096 contiguous int32"):
+        cuda.read_xor(buf, out[:1], shape)

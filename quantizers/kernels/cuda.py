@@ -32,6 +32,7 @@ import torch
 from quantizers.kernels import current_stream, gpu
 
 SOURCE = Path(__file__).with_name("gemv.cu")
+READ_SOURCE = Path(__file__).with_name("stream.cu")  # a read-only kernel, the products' reference (bench)
 BITS = (2, 3, 4)  # widths gemv.cu multiplies
 MAX_ROWS = 8  # rows of x one launch takes (the dequantized pairs are reused across them)
 MIN_CAPABILITY = (8, 0)  # fma.rn.bf16x2, cvt.rn.bf16.f32
@@ -86,15 +87,15 @@ def nvrtc_version() -> tuple[int, int]:
     return major.value, minor.value
 
 
-def compile_cubin(defines: dict[str, int], arch: tuple[int, int]) -> bytes:
-    """``gemv.cu`` with ``defines`` (``-DGV_<key>=<value>``) for ``sm_<arch>`` as a cubin; ``RuntimeError``
-    with NVRTC's log when it does not compile."""
+def compile_cubin(defines: dict[str, int], arch: tuple[int, int], source: Path = SOURCE, prefix: str = "GV_") -> bytes:
+    """``source`` (``gemv.cu``) with ``defines`` (``-D<prefix><key>=<value>``) for ``sm_<arch>`` as a cubin;
+    ``RuntimeError`` with NVRTC's log when it does not compile."""
     nvrtc = _open("nvrtc")
-    src = SOURCE.read_bytes()
+    src = source.read_bytes()
     opts = [f"--gpu-architecture=sm_{arch[0]}{arch[1]}", "--std=c++17"]
-    opts += [f"-DGV_{k}={int(v)}" for k, v in sorted(defines.items())]
+    opts += [f"-D{prefix}{k}={int(v)}" for k, v in sorted(defines.items())]
     prog = ctypes.c_void_p()
-    res = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"gemv.cu", 0, None, None)
+    res = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, source.name.encode(), 0, None, None)
     if res:
         raise RuntimeError(f"nvrtcCreateProgram failed ({res})")
     try:
@@ -105,7 +106,7 @@ def compile_cubin(defines: dict[str, int], arch: tuple[int, int]) -> bytes:
             nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
             log = ctypes.create_string_buffer(size.value)
             nvrtc.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile gemv.cu with {' '.join(opts)}:\n{log.value.decode()}")
+            raise RuntimeError(f"NVRTC could not compile {source.name} with {' '.join(opts)}:\n{log.value.decode()}")
         size = ctypes.c_size_t()
         nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
         cubin = ctypes.create_string_buffer(size.value)
@@ -120,15 +121,16 @@ def _cache_dir() -> Path:
     return Path(base) / "cuda" if base else Path.home() / ".cache" / "quant-harness" / "cuda"
 
 
-def _cubin(defines: dict[str, int], arch: tuple[int, int]) -> bytes:
+def _cubin(defines: dict[str, int], arch: tuple[int, int], source: Path = SOURCE, prefix: str = "GV_") -> bytes:
     """:func:`compile_cubin`, kept on disk by a hash of the source, the options and NVRTC's version."""
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((sorted(defines.items()), arch, nvrtc_version())).encode())
-    path = _cache_dir() / f"gemv-{key.hexdigest()[:24]}.cubin"
+    key = hashlib.sha256(source.read_bytes() + repr((sorted(defines.items()), arch, nvrtc_version())).encode()
+                         + prefix.encode())
+    path = _cache_dir() / f"{source.stem}-{key.hexdigest()[:24]}.cubin"
     try:
         return path.read_bytes()
     except OSError:
         pass
-    cubin = compile_cubin(defines, arch)
+    cubin = compile_cubin(defines, arch, source, prefix)
     try:  # atomic: written aside, then renamed
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -140,15 +142,15 @@ def _cubin(defines: dict[str, int], arch: tuple[int, int]) -> bytes:
 
 
 class Kernel:
-    """One compiled variant of ``gemv.cu`` loaded on one device."""
+    """One compiled variant of ``gemv.cu`` (or of ``stream.cu``: ``name``) loaded on one device."""
 
-    def __init__(self, cubin: bytes, device: torch.device, threads: int) -> None:
+    def __init__(self, cubin: bytes, device: torch.device, threads: int, name: bytes = b"gemv") -> None:
         cu = _open("cuda")
         with torch.cuda.device(device):
             torch.empty(1, device=device)  # the device's primary context exists and is current
             self.module, self.func = ctypes.c_void_p(), ctypes.c_void_p()
             _check_cu(cu.cuModuleLoadData(ctypes.byref(self.module), cubin), "cuModuleLoadData")
-            _check_cu(cu.cuModuleGetFunction(ctypes.byref(self.func), self.module, b"gemv"), "cuModuleGetFunction")
+            _check_cu(cu.cuModuleGetFunction(ctypes.byref(self.func), self.module, name), "cuModuleGetFunction")
         regs, static = ctypes.c_int(), ctypes.c_int()
         _check_cu(cu.cuFuncGetAttribute(ctypes.byref(regs), 4, self.func), "cuFuncGetAttribute")  # NUM_REGS
         _check_cu(cu.cuFuncGetAttribute(ctypes.byref(static), 1, self.func), "cuFuncGetAttribute")  # SHARED_SIZE
@@ -183,11 +185,12 @@ class Params:
     once per :class:`Launch` (building them per call cost more than the rest of a launch); :meth:`fill`
     sets them, a lock keeps concurrent callers of one launch from filling each other's."""
 
-    # gemv's parameters: p a device address, i a C int
+    # gemv's parameters: p a device address, i a C int (l: an unsigned 64-bit int)
     KINDS = "ppippppipp" + "iiiip"
+    C_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_uint64}
 
-    def __init__(self) -> None:
-        self.values = [ctypes.c_void_p() if k == "p" else ctypes.c_int() for k in self.KINDS]
+    def __init__(self, kinds: str = KINDS) -> None:
+        self.values = [self.C_TYPES[k]() for k in kinds]
         self.array = (ctypes.c_void_p * len(self.values))(
             *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in self.values])
         self.attr = _LaunchAttr(id=PROGRAMMATIC_STREAM_SERIALIZATION)
@@ -421,3 +424,67 @@ def run(launch: Launch, x: torch.Tensor, rt, bias: torch.Tensor | None, y: torch
     with launch.params.lock:
         launch.params.fill(args)
         launch.kernel.launch(launch.grid, launch.params, stream, launch.smem, pdl and launch.pdl)
+
+
+# -------------------------------------------------------------------------------------- the read reference
+
+
+@dataclass(frozen=True)
+class ReadShape:
+    """A launch of ``stream.cu``'s ``read_xor``: ``blocks`` a multiprocessor (0: as many blocks as one round
+    of loads takes, each thread ``unroll`` loads and done), ``threads`` a block, ``unroll`` 16-byte loads a
+    thread a round, ``chunk`` a contiguous run a block (else the grid strides over all of it), ``pdl``
+    overlapping the launch before (sm_90+, else ignored): 1 the next may start at once, 2 once a block's
+    loads are done."""
+
+    blocks: int
+    threads: int
+    unroll: int
+    pdl: int = 0
+    chunk: bool = False
+
+    def name(self) -> str:
+        grid = f"b{self.blocks}" if self.blocks else "one-round"
+        return (f"read {grid} t{self.threads} u{self.unroll}" + ("+c" if self.chunk else "")
+                + (f"+pdl{self.pdl}" if self.pdl else ""))
+
+    def grid(self, n16: int, sms: int) -> int:
+        """Blocks of a launch over ``n16`` 16-byte words on ``sms`` multiprocessors."""
+        return self.blocks * sms if self.blocks else max(1, -(-n16 // (self.threads * self.unroll)))
+
+
+# what the read reference is the fastest of: one block of 1024 threads a multiprocessor looping over the
+# words (grid-stride or a run a block), and grids of one round of loads (many small blocks, as the products
+# launch), 1 to 8 loads a thread, with and without overlapping the launch before
+READ_SHAPES = ([ReadShape(1, 1024, u, pdl, chunk) for u in (4, 8) for chunk in (False, True) for pdl in (0, 1, 2)]
+               + [ReadShape(0, t, u, pdl, chunk) for t in (128, 256, 512) for u in (1, 2, 4, 8)
+                  for chunk in ((False,) if u == 1 else (False, True)) for pdl in (0, 1)])  # u = 1: no run to make
+
+
+READ_SLOTS = 4096  # int32 words of read_xor's out (stream.cu's RS_SLOTS)
+
+
+def read_xor(buf: torch.Tensor, out: torch.Tensor, shape: ReadShape = READ_SHAPES[0]) -> None:
+    """XOR every 32-bit word of ``buf`` into ``out`` (:data:`READ_SLOTS` int32, whose XOR together is the
+    result) on the current stream, reading each byte of ``buf`` once and doing nothing else: what reading as
+    many bytes costs (``bench kernels``' reference). ``buf``: a contiguous CUDA tensor, 16-byte aligned, a
+    multiple of 16 bytes; ``out`` contiguous on its device."""
+    if (buf.device.type != "cuda" or out.device != buf.device or out.dtype != torch.int32
+            or out.numel() != READ_SLOTS or not out.is_contiguous()):
+        raise ValueError(f"read_xor reads a CUDA tensor into {READ_SLOTS} contiguous int32 on its device (got "
+                         f"{buf.device}, out {out.dtype} × {out.numel()} on {out.device})")
+    if not buf.is_contiguous() or buf.data_ptr() % 16 or buf.nbytes % 16:
+        raise ValueError(f"read_xor reads whole 16-byte words: buf must be contiguous, 16-byte aligned and a "
+                         f"multiple of 16 bytes (got {buf.nbytes} bytes at offset {buf.data_ptr() % 16})")
+    facts = gpu(buf.device)
+    pdl = shape.pdl if facts.capability >= (9, 0) else 0
+    defines = dict(TPB=shape.threads, UNROLL=shape.unroll, PDL=pdl, CHUNK=int(shape.chunk), SLOTS=READ_SLOTS)
+    key = ("read_xor", tuple(sorted(defines.items())), facts.index)
+    k = _KERNELS.get(key)
+    if k is None:
+        cubin = _cubin(defines, facts.capability, READ_SOURCE, "RS_")
+        k = _KERNELS[key] = Kernel(cubin, torch.device("cuda", facts.index), shape.threads, b"read_xor")
+    params = Params("plp")
+    params.fill((buf.data_ptr(), buf.nbytes // 16, out.data_ptr()))
+    with torch.cuda.device(facts.index):  # its module belongs to that device's context
+        k.launch((shape.grid(buf.nbytes // 16, facts.sms), 1), params, current_stream(facts.index), 0, pdl > 0)
