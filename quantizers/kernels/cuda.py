@@ -10,7 +10,8 @@ order; under act-order the kernel reads ``x[perm[k]]`` itself, or the caller pas
 Its tensor-core variant (``kernel="mma"``: 4 bits, up to :data:`MMA_ROWS` rows, ``x`` gathered first;
 ``swap``: the weights as the mma's A operand) is compiled from the same source. :func:`supports` says
 where each runs. A launch shape is the Triton module's ``Config`` with ``kernel="cuda"`` or ``"mma"``
-(read here by its fields, see :func:`defines`).
+(read here by its fields, see :func:`defines`). :func:`read_xor` runs ``stream.cu``, a kernel that only
+reads bytes: the reference ``python -m harness.bench kernels`` times the products against.
 Compiled kernels are kept per process and, as cubins, on disk under ``$HARNESS_CACHE/cuda`` (default
 ``~/.cache/quant-harness/cuda``). ``HARNESS_KERNEL_CUDA=0`` turns the path off.
 
