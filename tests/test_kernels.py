@@ -607,6 +607,15 @@ def test_bench_kernels_smoke_prints_rows(tmp_path):
         assert r["path"] == PATHS[kernel] + "-interpreted", r
 
 
+def test_read_reference_is_left_out_off_cuda(monkeypatch):
+    from harness.bench_kernels import Timer, read_only
+
+    cpu = torch.device("cpu")
+    assert read_only(4096, cpu, Timer(cpu)) is None
+    monkeypatch.setenv("HARNESS_KERNEL_CUDA", "0")  # the CUDA path turned off: no read reference either
+    assert read_only(4096, torch.device("cuda", 0), Timer(cpu)) is None
+
+
 @pytest.mark.parametrize("flag", ["--bits", "--rows"])
 def test_bench_kernels_bad_list_is_one_line_exit_2(flag):
     proc = subprocess.run([sys.executable, "-m", "harness.bench", "kernels", "--smoke", flag, "4,x"], cwd=ROOT,
