@@ -158,7 +158,9 @@ def test_known_answer_lambada_accuracy_and_perplexity(yes_model, tmp_path, monke
     ll_yes = 10 - math.log(math.exp(10) + vocab - 1)
     ll_no = -math.log(math.exp(10) + vocab - 1)
     expected = math.exp(-(3 * ll_yes + ll_no) / 4)  # lm-eval's perplexity: exp(-mean loglikelihood)
-    assert metrics["lambada_standard_local/perplexity"] == pytest.approx(expected, rel=1e-5)
+    # float32 log-softmax over 50257 logits: torch's CPU kernel is off by 2.8e-5 on an AVX2 machine (its
+    # logsumexp is not); a wrong aggregation (a sum, base 2, per token) would be off by far more
+    assert metrics["lambada_standard_local/perplexity"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_unknown_task_names_get_suggestions_offline():
