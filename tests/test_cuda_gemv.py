@@ -18,6 +18,18 @@ from quantizers.kernels.triton_gemm import Config
 NVCC = shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/nvcc")), None)
 
 
+def compiles_without_spills(arch: str, source: Path, flags: list[str], threads: int, tmp_path: Path) -> None:
+    """``source`` with ``flags`` compiles for ``sm_<arch>`` by nvcc, with no register spills or stack, and a
+    block of ``threads`` fits an SM's registers."""
+    proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "k.cubin"), *flags,
+                           "-Xptxas", "-v", str(source)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    assert regs and "0 bytes spill stores" in report and "0 bytes stack frame" in report, report
+    assert int(regs.group(1)) * threads <= 65536, report  # a block fits an SM's registers
+
+
 def G(c: int = 1, w: int = 8, u: int = 4, depth: int = 3, split: int = 1, bits: int = 4, **kw) -> Config:
     """A ``cuda`` launch config by the kernel's own units: ``c`` columns a thread, ``w`` warps, ``u`` packed
     blocks a step (a word each at 2 and 4 bits, three at 3 bits), ``depth`` steps in flight."""
@@ -87,14 +99,7 @@ def test_tensor_core_variant_compiles_without_spills(arch, i, tmp_path):
     d = cuda.defines(4, cfg, rows, dtype, split, bias, pdl)
     assert d["PERM"] == 0 and d["MMA"] == (2 if cfg.swap else 1)
     assert d["C"] == (cfg.bn // 32 if cfg.swap else 1) and d.get("XAHEAD", 0) == int(cfg.prefetch and not cfg.swap)
-    proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "k.cubin"),
-                           *[f"-DGV_{k}={v}" for k, v in d.items()], "-Xptxas", "-v", str(cuda.SOURCE)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = proc.stdout + proc.stderr
-    regs = re.search(r"Used (\d+) registers", report)
-    assert regs and "0 bytes spill stores" in report and "0 bytes stack frame" in report, report
-    assert int(regs.group(1)) * 32 * cfg.num_warps <= 65536, report
+    compiles_without_spills(arch, cuda.SOURCE, [f"-DGV_{k}={v}" for k, v in d.items()], 32 * cfg.num_warps, tmp_path)
 
 
 def test_tensor_core_variant_supports_names_what_it_does_not_take():
@@ -131,13 +136,7 @@ def test_gemv_source_compiles_without_spills(arch, i, tmp_path):
     if pdl and arch == "80":
         pytest.skip("griddepcontrol (programmatic dependent launch) is sm_90+; the launcher asks for it there only")
     flags = [f"-DGV_{k}={v}" for k, v in cuda.defines(bits, cfg, rows, dtype, split, bias, pdl, perm).items()]
-    proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "k.cubin"), *flags,
-                           "-Xptxas", "-v", str(cuda.SOURCE)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = proc.stdout + proc.stderr
-    regs = re.search(r"Used (\d+) registers", report)
-    assert regs and "0 bytes spill stores" in report and "0 bytes stack frame" in report, report
-    assert int(regs.group(1)) * 32 * cfg.num_warps <= 65536, report  # a block fits an SM's registers
+    compiles_without_spills(arch, cuda.SOURCE, flags, 32 * cfg.num_warps, tmp_path)
 
 
 class _Rt:  # what cuda.supports and the split read of a Runtime
@@ -461,15 +460,9 @@ READ_VARIANTS = [cuda.READ_SHAPES[0], cuda.ReadShape(8, 256, 8, 1), cuda.ReadSha
 @pytest.mark.parametrize("shape", READ_VARIANTS, ids=lambda s: s.name().replace(" ", "-"))
 def test_read_kernel_compiles_without_spills(arch, shape, tmp_path):
     pdl = shape.pdl if arch == "90" else 0  # griddepcontrol is sm_90+; the launcher asks for it there only
-    proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-cubin", "-o", str(tmp_path / "r.cubin"),
-                           f"-DRS_TPB={shape.threads}", f"-DRS_UNROLL={shape.unroll}", f"-DRS_PDL={pdl}",
-                           f"-DRS_CHUNK={int(shape.chunk)}", f"-DRS_SLOTS={cuda.READ_SLOTS}",
-                           "-Xptxas", "-v", str(cuda.READ_SOURCE)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = proc.stdout + proc.stderr
-    regs = re.search(r"Used (\d+) registers", report)
-    assert regs and "0 bytes spill stores" in report and "0 bytes stack frame" in report, report
-    assert int(regs.group(1)) * shape.threads <= 65536, report
+    flags = [f"-DRS_TPB={shape.threads}", f"-DRS_UNROLL={shape.unroll}", f"-DRS_PDL={pdl}",
+             f"-DRS_CHUNK={int(shape.chunk)}", f"-DRS_SLOTS={cuda.READ_SLOTS}"]
+    compiles_without_spills(arch, cuda.READ_SOURCE, flags, shape.threads, tmp_path)
 
 
 def test_read_shapes_are_distinct_launches_that_fit_a_block():
